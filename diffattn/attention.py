@@ -1,0 +1,162 @@
+"""``diffattn.attention``: pattern-restricted attention on ``[B, S, H, D]`` tensors."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .block_layout import build_block_layout
+from .patterns.base import Pattern, as_grid3
+from .reference import masked_attention_reference
+from .tokens import TokenLayout
+
+logger = logging.getLogger("diffattn")
+
+IMPLS = ("auto", "triton", "reference")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _triton_available() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return False, f"triton cannot be imported ({exc})"
+    return True, "triton is importable"
+
+
+def choose_impl(impl: str, device: torch.device) -> tuple[str, str]:
+    """The implementation that will run for ``impl`` on ``device``, and why.
+
+    ``"auto"`` picks Triton on CUDA and the reference elsewhere; an explicit impl never falls
+    back: ``"triton"`` on a CPU tensor needs ``TRITON_INTERPRET=1``.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    device = torch.device(device)
+    if impl == "reference":
+        return "reference", "impl='reference' was asked for"
+    ok, why = _triton_available()
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if impl == "triton":
+        if not ok:
+            raise RuntimeError(f"impl='triton' was asked for but {why}")
+        if device.type != "cuda" and not interpret:
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 "
+                "to run the kernel on CPU through Triton's interpreter, or use impl='reference'"
+            )
+        return "triton", "impl='triton' was asked for"
+    if device.type == "cuda" and ok:
+        return "triton", "CUDA tensors and triton is importable"
+    if device.type == "cuda":
+        return "reference", f"CUDA tensors but {why}"
+    return "reference", f"tensors on {device}: the Triton kernels run on CUDA"
+
+
+def _check(q, k, v, pattern, layout, return_lse) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, S, H, D] (4 dims), got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; allowed: float16, bfloat16, float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] != k.shape[-1] or q.shape[-1] != v.shape[-1]:
+        raise ValueError(
+            f"head dims must match: q has D={q.shape[-1]}, k has D={k.shape[-1]}, v has D={v.shape[-1]}"
+        )
+    if q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(
+            f"q, k, v must have the same [B, S, H, D] shape (self-attention), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={q.shape[-1]} is larger than the supported {MAX_HEAD_DIM}")
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a diffattn pattern (Dense, SlidingWindow, Radial, ...), got {type(pattern).__name__}")
+    if not isinstance(layout, TokenLayout):
+        raise TypeError(f"layout must be a diffattn.TokenLayout, got {type(layout).__name__}")
+    if q.shape[1] != layout.seq_len:
+        raise ValueError(
+            f"q has S={q.shape[1]} tokens but {layout} has {layout.seq_len} "
+            f"({layout.num_visual} visual + {layout.text_len} text)"
+        )
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+
+
+def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: float, block_size) -> tuple:
+    from .kernels import block_sparse_attention, kernel_block_size
+
+    block_q, block_k = block_size or kernel_block_size(q.shape[-1])
+    _, grid_h, grid_w = as_grid3(layout.grid)
+    if pattern.is_dense:
+        empty = torch.zeros((1, 1, 1), dtype=torch.int32, device=q.device)
+        empty_idx = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=q.device)
+        tensors = (empty, empty_idx, empty, empty_idx)
+        geometry = [0, 0, 0, q.shape[1], grid_h, grid_w]
+        mask_kind, params = 0, ()
+    else:
+        blocks = build_block_layout(pattern, layout.grid, block_q, block_k, device=q.device)
+        tensors = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
+        geometry = [layout.visual_start, layout.num_visual, layout.text_start, layout.text_len, grid_h, grid_w]
+        mask_kind, params = pattern.kernel_mask(layout.grid)
+    window = list(params) + [1] * (12 - len(params))
+    return block_sparse_attention(q, k, v, *tensors, geometry, window, mask_kind, scale, block_q, block_k)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    *,
+    layout: TokenLayout,
+    impl: str = "auto",
+    return_lse: bool = False,
+    scale: float | None = None,
+    block_size: tuple[int, int] | None = None,
+):
+    """Attention of ``q`` over ``k, v`` restricted to ``pattern``.
+
+    Args:
+        q, k, v: ``[B, S, H, D]`` (diffusers' layout), float16 / bfloat16 / float32, one
+            device, ``S == layout.seq_len``, ``D <= 256``.
+        pattern: Dense(), SlidingWindow(...), Radial(...), ...
+        layout: the TokenLayout saying where visual and text tokens sit.
+        impl: ``"triton"`` (the kernel: CUDA, or CPU under ``TRITON_INTERPRET=1``),
+            ``"reference"`` (chunked torch), or ``"auto"`` (Triton on CUDA, else reference;
+            the choice is logged at debug level on the ``diffattn`` logger).
+        return_lse: also return the log-sum-exp ``[B, S, H]`` (float32, natural log).
+        scale: softmax scale, default ``D ** -0.5``.
+        block_size: ``(block_q, block_k)`` of the kernel, powers of two >= 16; default
+            chosen from the head dim.
+
+    Returns:
+        ``out`` ``[B, S, H, D]`` in q's dtype, or ``(out, lse)`` with ``return_lse=True``.
+
+    >>> import torch, diffattn
+    >>> layout = diffattn.TokenLayout((4, 8, 8), text_len=16)
+    >>> q = k = v = torch.randn(1, layout.seq_len, 2, 64)
+    >>> out = diffattn.attention(q, k, v, diffattn.SlidingWindow((3, 5, 5)), layout=layout)
+    >>> out.shape
+    torch.Size([1, 272, 2, 64])
+    """
+    _check(q, k, v, pattern, layout, return_lse)
+    pattern.validate(layout.grid)
+    chosen, why = choose_impl(impl, q.device)
+    logger.debug("diffattn.attention: %s (%s)", chosen, why)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if chosen == "reference":
+        mask_mod = None if pattern.is_dense else pattern.mask_mod(layout)
+        out, lse = masked_attention_reference(q, k, v, mask_mod, scale=scale)
+    else:
+        out, lse = _attention_triton(q, k, v, pattern, layout, scale, block_size)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,20 @@
+"""Attention patterns: which keys each query attends to."""
+
+from .base import EMPTY, FULL, PARTIAL, MaskMod, Pattern
+from .dense import Dense
+from .radial import Radial
+from .spec import parse_pattern
+from .window import AxisWindow, SlidingWindow
+
+__all__ = [
+    "EMPTY",
+    "FULL",
+    "PARTIAL",
+    "AxisWindow",
+    "Dense",
+    "MaskMod",
+    "Pattern",
+    "Radial",
+    "SlidingWindow",
+    "parse_pattern",
+]

@@ -1,0 +1,104 @@
+"""What every attention pattern provides.
+
+A pattern says which keys each query attends to. It is a frozen (hashable) dataclass so
+block layouts can be cached per pattern. Every pattern offers
+
+Methods take ``grid``, the TokenLayout's ``(H, W)`` or ``(F, H, W)``.
+
+- ``visual_mask_mod(grid)``: ``(q_idx, kv_idx) -> bool`` on visual token indices, the
+  element-level definition (FlexAttention's ``mask_mod`` vocabulary);
+- ``block_classes(grid, block_q, block_k)``: ``int8 [NQ, NK]`` with EMPTY / PARTIAL / FULL
+  per (query block, key block), built analytically (never from an S x S mask);
+- ``visual_pairs(grid)``: the exact number of attended (query, key) visual pairs;
+- ``kernel_mask(grid)``: what the kernel computes inside PARTIAL blocks.
+
+Text tokens are handled here, once, for every pattern: dense in both directions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..tokens import TokenLayout
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+# Values of the kernel's MASK_KIND: what is computed inside a partial block.
+MASK_BOUNDS = 0  # only sequence bounds (block-granular patterns)
+MASK_WINDOW = 1  # neighborhood window on the (F, H, W) grid, plus bounds
+
+
+class Pattern:
+    """Base class of attention patterns (see the module docstring)."""
+
+    #: True for patterns whose layout depends only on geometry, not on q/k values.
+    static: bool = True
+
+    def validate(self, grid: tuple) -> None:
+        """Raise ValueError if this pattern cannot be applied to ``grid``."""
+
+    def visual_mask_mod(self, grid: tuple) -> MaskMod:
+        raise NotImplementedError
+
+    def block_classes(self, grid: tuple, block_q: int, block_k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def visual_pairs(self, grid: tuple) -> int:
+        raise NotImplementedError
+
+    def kernel_mask(self, grid: tuple) -> tuple[int, tuple[int, ...]]:
+        """``(mask_kind, params)`` for the kernel's partial blocks."""
+        return MASK_BOUNDS, ()
+
+    @property
+    def is_dense(self) -> bool:
+        return False
+
+    # --- shared, text-aware helpers -------------------------------------------------
+
+    def mask_mod(self, layout: TokenLayout) -> MaskMod:
+        """``(q_idx, kv_idx) -> bool`` over the whole sequence of ``layout``, text included.
+
+        >>> import diffattn, torch
+        >>> mm = diffattn.SlidingWindow(3).mask_mod(diffattn.TokenLayout((4, 4), text_len=2))
+        >>> bool(mm(torch.tensor(0), torch.tensor(17)))   # text query sees everything
+        True
+        """
+        self.validate(layout.grid)
+        visual = self.visual_mask_mod(layout.grid)
+        vs, nv = layout.visual_start, layout.num_visual
+
+        def mask(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            qv, kv = q_idx - vs, kv_idx - vs
+            q_vis = (qv >= 0) & (qv < nv)
+            k_vis = (kv >= 0) & (kv < nv)
+            inside = visual(qv.clamp(0, nv - 1), kv.clamp(0, nv - 1))
+            return torch.where(q_vis & k_vis, inside, torch.ones_like(inside))
+
+        return mask
+
+    def density(self, layout: TokenLayout) -> float:
+        """Fraction of the S x S (query, key) pairs this pattern attends, text included."""
+        self.validate(layout.grid)
+        n, t = layout.num_visual, layout.text_len
+        pairs = self.visual_pairs(layout.grid) + 2 * n * t + t * t
+        return pairs / layout.seq_len**2
+
+
+def as_grid3(grid: tuple) -> tuple[int, int, int]:
+    """``(H, W)`` -> ``(1, H, W)``; ``(F, H, W)`` unchanged."""
+    return tuple(grid) if len(grid) == 3 else (1, *grid)
+
+
+def num_blocks(n: int, block: int) -> int:
+    return -(-n // block)
+
+
+def block_sizes(n: int, block: int) -> torch.Tensor:
+    """Number of tokens in each of the ``ceil(n / block)`` blocks, ``int64 [NB]``."""
+    starts = torch.arange(0, n, block, dtype=torch.int64)
+    return torch.clamp(n - starts, max=block)

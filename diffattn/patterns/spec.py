@@ -1,0 +1,98 @@
+"""Patterns written as short strings, for the command line and configs.
+
+Grammar: ``NAME[:ARG][,KEY=VALUE...]``.
+
+- ``dense``
+- ``window:3x9x9`` / ``window:*x9x9,stride=1x2x2,dilation=1`` (``*`` = whole axis)
+- ``radial:0.2`` / ``radial:decay=0.95,sink=false``
+"""
+
+from __future__ import annotations
+
+from .base import Pattern
+from .dense import Dense
+from .radial import Radial
+from .window import SlidingWindow
+
+PATTERN_NAMES = ("dense", "window", "radial")
+
+
+def _sizes(text: str, key: str):
+    out = []
+    for part in text.lower().split("x"):
+        if part in ("*", "none", "all"):
+            out.append(None)
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise ValueError(f"pattern option {key}={text!r}: expected sizes like 3x9x9 ('*' for a whole axis)") from None
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _bool(text: str, key: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"pattern option {key}={text!r}: expected true or false")
+
+
+def _float(text: str, key: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"pattern option {key}={text!r}: expected a number") from None
+
+
+def parse_pattern(spec: str) -> Pattern:
+    """Build a pattern from its string form.
+
+    >>> parse_pattern("window:*x8x8,stride=1x2x2")
+    SlidingWindow(window=(None, 8, 8), stride=(1, 2, 2), dilation=1)
+    >>> parse_pattern("radial:0.2")
+    Radial(decay=0.2, sink=True, block=128)
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"pattern must be a non-empty string like 'window:3x9x9', got {spec!r}")
+    head, _, rest = spec.strip().partition(":")
+    name = head.strip().lower()
+    items = [x.strip() for x in rest.split(",") if x.strip()] if rest else []
+    positional = [x for x in items if "=" not in x]
+    options = dict(x.split("=", 1) for x in items if "=" in x)
+    if len(positional) > 1:
+        raise ValueError(f"pattern {spec!r}: at most one value before the options, got {positional}")
+    if name == "dense":
+        if items:
+            raise ValueError(f"pattern 'dense' takes no options, got {rest!r}")
+        return Dense()
+    if name == "window":
+        allowed = {"window", "stride", "dilation"}
+        kwargs = {}
+        if positional:
+            kwargs["window"] = _sizes(positional[0], "window")
+        for key, value in options.items():
+            if key not in allowed:
+                raise ValueError(f"pattern 'window' has no option {key!r}; allowed: {sorted(allowed)}")
+            kwargs[key] = _sizes(value, key)
+        if "window" not in kwargs:
+            raise ValueError("pattern 'window' needs a window size, e.g. 'window:3x9x9'")
+        return SlidingWindow(**kwargs)
+    if name == "radial":
+        allowed = {"decay", "sink", "block"}
+        kwargs = {}
+        if positional:
+            kwargs["decay"] = _float(positional[0], "decay")
+        for key, value in options.items():
+            if key not in allowed:
+                raise ValueError(f"pattern 'radial' has no option {key!r}; allowed: {sorted(allowed)}")
+            if key == "decay":
+                kwargs[key] = _float(value, key)
+            elif key == "sink":
+                kwargs[key] = _bool(value, key)
+            else:
+                kwargs[key] = int(_float(value, key))
+        if "decay" not in kwargs:
+            raise ValueError("pattern 'radial' needs a decay, e.g. 'radial:0.2'")
+        return Radial(**kwargs)
+    raise ValueError(f"unknown pattern {name!r}; allowed: {', '.join(PATTERN_NAMES)}")

@@ -1,0 +1,133 @@
+"""Launcher of the block-sparse attention kernel, registered as a torch custom op.
+
+``torch.library.custom_op`` + ``register_fake`` let ``torch.compile`` trace through the call
+without a graph break; the op runs on CUDA and, under ``TRITON_INTERPRET=1``, on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from .block_sparse_attention import LOG2E, block_sparse_attn_fwd_kernel
+
+MAX_HEAD_DIM = 256
+
+# Geometry vector passed to the op (ints): see ``geometry_vector``.
+GEOMETRY_FIELDS = ("vis_start", "n_vis", "text_start", "text_len", "grid_h", "grid_w")
+WINDOW_FIELDS = 12  # (n, k, s, r) for the F, H and W axes
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_block_size(head_dim: int) -> tuple[int, int]:
+    """Default (block_q, block_k) for a head dim; layouts are built at these sizes."""
+    if head_dim <= 128:
+        return 128, 64
+    return 64, 64
+
+
+def launch_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """num_warps / num_stages for the kernel (tuned on H100, bf16)."""
+    if head_dim <= 64:
+        return {"num_warps": 4, "num_stages": 3}
+    if head_dim <= 128:
+        return {"num_warps": 8, "num_stages": 3}
+    return {"num_warps": 8, "num_stages": 2}
+
+
+def _check_layout_tensor(name: str, t: torch.Tensor, dims: int, device: torch.device) -> None:
+    if t.dtype != torch.int32 or t.dim() != dims or t.device != device:
+        raise ValueError(f"{name} must be int32 with {dims} dims on {device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+@torch.library.custom_op("diffattn::block_sparse_attention", mutates_args=())
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    full_num: torch.Tensor,
+    full_idx: torch.Tensor,
+    part_num: torch.Tensor,
+    part_idx: torch.Tensor,
+    geometry: list[int],
+    window: list[int],
+    mask_kind: int,
+    scale: float,
+    block_q: int,
+    block_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention forward.
+
+    Args:
+        q, k, v: ``[B, S, H, D]``, fp16 / bf16 / fp32, same shape.
+        full_num, part_num: ``int32 [Z, Hz, NQ]`` with Z in {1, B}, Hz in {1, H}.
+        full_idx, part_idx: ``int32 [Z, Hz, NQ, *]`` key block indices.
+        geometry: ``[vis_start, n_vis, text_start, text_len, grid_h, grid_w]``; ``n_vis == 0``
+            makes every query block dense over the whole sequence.
+        window: 12 ints, (n, k, s, r) for the F, H and W axes (used when mask_kind == 1).
+        mask_kind: 0 bounds only, 1 neighborhood window.
+        scale: softmax scale.
+        block_q, block_k: the layout's block sizes.
+
+    Returns:
+        ``out [B, S, H, D]`` (q's dtype) and ``lse [B, S, H]`` float32.
+    """
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    batch, seq_len, heads, head_dim = q.shape
+    vis_start, n_vis, text_start, text_len, grid_h, grid_w = geometry
+    for name, t, dims in (("full_num", full_num, 3), ("full_idx", full_idx, 4), ("part_num", part_num, 3), ("part_idx", part_idx, 4)):
+        _check_layout_tensor(name, t, dims, q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, seq_len, heads), dtype=torch.float32, device=q.device)
+    n_vis_q_blocks = triton.cdiv(n_vis, block_q) if n_vis else 0
+    if n_vis == 0:
+        text_start, text_len = 0, seq_len
+    grid = (n_vis_q_blocks + triton.cdiv(text_len, block_q), batch * heads)
+
+    def bstride(t: torch.Tensor, dim: int, size: int) -> int:
+        return 0 if t.shape[dim] == 1 and size != 1 else t.stride(dim)
+
+    upcast = interpreting() and q.dtype == torch.bfloat16
+    config = {} if interpreting() else launch_config(head_dim, q.dtype)
+    block_sparse_attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        full_num, full_idx, part_num, part_idx,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        bstride(full_num, 0, batch), bstride(full_num, 1, heads), full_num.stride(2),
+        bstride(full_idx, 0, batch), bstride(full_idx, 1, heads), full_idx.stride(2),
+        bstride(part_num, 0, batch), bstride(part_num, 1, heads), part_num.stride(2),
+        bstride(part_idx, 0, batch), bstride(part_idx, 1, heads), part_idx.stride(2),
+        heads, seq_len, vis_start, n_vis, text_start, text_len, n_vis_q_blocks,
+        grid_h, grid_w,
+        *window,
+        scale * LOG2E,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_q,
+        BLOCK_N=block_k,
+        MASK_KIND=mask_kind,
+        UPCAST=upcast,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **config,
+    )
+    return out, lse
+
+
+@block_sparse_attention.register_fake
+def _(q, k, v, full_num, full_idx, part_num, part_idx, geometry, window, mask_kind, scale, block_q, block_k):
+    batch, seq_len, heads, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, seq_len, heads), dtype=torch.float32)

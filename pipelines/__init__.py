@@ -1,0 +1,1 @@
+"""Ready-made generation pipelines with diffattn presets (installed as ``diffattn.pipelines``)."""
