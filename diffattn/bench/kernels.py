@@ -1,0 +1,228 @@
+"""Kernel benchmark: diffattn's block-sparse kernel vs SDPA, FlexAttention and xformers.
+
+For each DiT shape and pattern it reports the median time, the TFLOP/s on the (query, key)
+pairs the kernel computes, and the speedup over dense SDPA's best backend. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..attention import attention
+from ..block_layout import build_block_layout
+from ..patterns import Dense, Pattern, Radial, SlidingWindow
+from ..tokens import TokenLayout
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    layout: TokenLayout
+    heads: int
+    head_dim: int = 128
+    batch: int = 1
+
+
+SHAPES = {
+    "wan-1.3b-480p-81f": Shape("wan-1.3b-480p-81f", TokenLayout((21, 30, 52)), heads=12),
+    "flux-1024": Shape("flux-1024", TokenLayout((64, 64), text_len=512, text_first=True), heads=24),
+    "hunyuan-720p-129f": Shape("hunyuan-720p-129f", TokenLayout((33, 45, 80), text_len=256, text_first=False), heads=24),
+}
+
+TARGET_DENSITIES = (0.5, 0.25, 0.1)
+
+
+@dataclass
+class Result:
+    shape: str
+    pattern: str
+    target_density: float | None
+    block_density: float
+    element_density: float
+    impl: str
+    ms: float
+    tflops: float
+    speedup_vs_sdpa: float
+    extra: dict = field(default_factory=dict)
+
+
+def window_for_density(layout: TokenLayout, target: float, block_size: tuple[int, int]) -> SlidingWindow:
+    """The window, from a small family, whose computed block fraction is closest to ``target``."""
+    grid = layout.grid
+    best, best_err = None, math.inf
+    fractions = (1.0, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
+    temporal = sorted({max(1, math.ceil(grid[0] * f)) for f in (1.0, 0.75, 0.5, 0.25, 0.125)}) if len(grid) == 3 else [None]
+    for kf in temporal:
+        for frac in fractions:
+            spatial = tuple(max(1, round(n * frac)) for n in grid[-2:])
+            window = spatial if kf is None else (kf, *spatial)
+            pattern = SlidingWindow(window)
+            density = build_block_layout(pattern, grid, *block_size).block_density
+            err = abs(density - target)
+            if err < best_err:
+                best, best_err = pattern, err
+    return best
+
+
+def patterns_for(shape: Shape, block_size: tuple[int, int]) -> list[tuple[str, Pattern, float | None]]:
+    out: list[tuple[str, Pattern, float | None]] = [("dense", Dense(), None)]
+    for target in TARGET_DENSITIES:
+        w = window_for_density(shape.layout, target, block_size)
+        out.append((f"window {'x'.join(map(str, w.window))}", w, target))
+    if len(shape.layout.grid) == 3 and shape.layout.grid[0] > 1:
+        radial = Radial(0.95, sink=False) if shape.name.startswith("hunyuan") else Radial(0.2)
+        out.append((f"radial decay={radial.decay} sink={radial.sink}", radial, None))
+    return out
+
+
+def computed_pairs(pattern: Pattern, layout: TokenLayout, block_size: tuple[int, int]) -> int:
+    """(query, key) pairs the kernel multiplies: visited visual blocks plus dense text."""
+    n, t, s = layout.num_visual, layout.text_len, layout.seq_len
+    if pattern.is_dense:
+        return s * s
+    visual = int(build_block_layout(pattern, layout.grid, *block_size).visited_tokens().max())
+    return visual + n * t + t * s
+
+
+def _median_ms(fn, warmup: int = 25, rep: int = 100) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def sdpa_best(q, k, v) -> tuple[float, str]:
+    """Dense SDPA, the fastest of its backends on this machine."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    best = (math.inf, "none")
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+                ms = _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt))
+        except RuntimeError:
+            continue
+        if ms < best[0]:
+            best = (ms, backend.name.lower())
+    return best
+
+
+def flex_ms(q, k, v, pattern: Pattern, layout: TokenLayout) -> tuple[float, float]:
+    """FlexAttention compiled, with a block mask from the same pattern: (ms, flex block density)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if pattern.is_dense:
+        fn = lambda: compiled(qt, kt, vt)  # noqa: E731
+        fn()
+        return _median_ms(fn), 1.0
+    mask = pattern.mask_mod(layout)
+    table_mask = lambda b, h, q_idx, kv_idx: mask(q_idx, kv_idx)  # noqa: E731
+    s = layout.seq_len
+    block_mask = create_block_mask(table_mask, None, None, s, s, device=q.device, _compile=True)
+    sparsity = float(block_mask.sparsity()) / 100.0
+    fn = lambda: compiled(qt, kt, vt, block_mask=block_mask)  # noqa: E731
+    fn()
+    return _median_ms(fn), 1.0 - sparsity
+
+
+def xformers_ms(q, k, v) -> float | None:
+    try:
+        import xformers.ops as xops
+    except Exception:
+        return None
+    fn = lambda: xops.memory_efficient_attention(q, k, v)  # noqa: E731
+    fn()
+    return _median_ms(fn)
+
+
+def environment() -> dict:
+    import triton
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        try:
+            import subprocess
+
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20,
+            ).stdout.strip()
+        except Exception:
+            info["driver"] = "unknown"
+    return info
+
+
+def run_kernel_benchmark(
+    shapes: list[str] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    with_flex: bool = True,
+    log=print,
+) -> dict:
+    """Run the benchmark on the current CUDA device; returns a JSON-ready dict."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the kernel benchmark needs a CUDA GPU; none is available here")
+    from ..kernels import kernel_block_size
+
+    results: list[Result] = []
+    for name in shapes or list(SHAPES):
+        shape = SHAPES[name]
+        layout = shape.layout
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (
+            torch.randn(shape.batch, layout.seq_len, shape.heads, shape.head_dim, device="cuda", dtype=dtype, generator=gen)
+            for _ in range(3)
+        )
+        block = kernel_block_size(shape.head_dim)
+        sdpa, backend = sdpa_best(q, k, v)
+        dense_flops = 4.0 * shape.batch * shape.heads * shape.head_dim * layout.seq_len**2
+        log(f"{name}: S={layout.seq_len} H={shape.heads} D={shape.head_dim}  SDPA best ({backend}) {sdpa:.2f} ms "
+            f"= {dense_flops / sdpa / 1e9:.0f} TFLOP/s")
+        results.append(Result(name, "dense", None, 1.0, 1.0, f"sdpa/{backend}", sdpa, dense_flops / sdpa / 1e9, 1.0))
+        xf = xformers_ms(q, k, v)
+        if xf is not None:
+            results.append(Result(name, "dense", None, 1.0, 1.0, "xformers", xf, dense_flops / xf / 1e9, sdpa / xf))
+        for label, pattern, target in patterns_for(shape, block):
+            pairs = computed_pairs(pattern, layout, block)
+            flops = 4.0 * shape.batch * shape.heads * shape.head_dim * pairs
+            bdens = pairs / layout.seq_len**2
+            edens = pattern.density(layout)
+            fn = lambda: attention(q, k, v, pattern, layout=layout, impl="triton")  # noqa: E731
+            fn()
+            ms = _median_ms(fn)
+            results.append(Result(name, label, target, bdens, edens, "diffattn", ms, flops / ms / 1e9, sdpa / ms))
+            log(f"  {label:<34} computed {bdens:6.1%}  diffattn {ms:8.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s "
+                f"x{sdpa / ms:5.2f} vs SDPA")
+            if with_flex:
+                try:
+                    fms, fdens = flex_ms(q, k, v, pattern, layout)
+                    results.append(Result(name, label, target, fdens, edens, "flex", fms, 4.0 * shape.batch * shape.heads * shape.head_dim * fdens * layout.seq_len**2 / fms / 1e9, sdpa / fms))
+                    log(f"  {'':<34} flex blocks {fdens:6.1%}  flex     {fms:8.2f} ms  x{sdpa / fms:5.2f} vs SDPA")
+                except Exception as exc:  # flex is a comparison, not a requirement
+                    log(f"  flex failed: {type(exc).__name__}: {exc}"[:300])
+            torch.cuda.empty_cache()
+        del q, k, v
+        torch.cuda.empty_cache()
+    return {"environment": environment(), "dtype": str(dtype).replace("torch.", ""), "results": [asdict(r) for r in results]}
+
+
+def write_json(data: dict, path) -> None:
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1)

@@ -1,0 +1,18 @@
+"""Test set-up: Triton's interpreter on machines without a GPU.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` decorator runs, so before diffattn's
+kernels are imported.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs the kernel under TRITON_INTERPRET=1")
