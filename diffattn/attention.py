@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .block_layout import build_block_layout
+from .block_layout import layout_tensors
 from .patterns.base import Pattern, as_grid3
 from .reference import masked_attention_reference
 from .tokens import TokenLayout
@@ -96,6 +96,9 @@ def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: flo
     from .kernels import block_sparse_attention, kernel_block_size
 
     block_q, block_k = block_size or kernel_block_size(q.shape[-1])
+    limit = pattern.kernel_block_limit()
+    if block_size is None and limit is not None:
+        block_q, block_k = min(block_q, limit), min(block_k, limit)
     _, grid_h, grid_w = as_grid3(layout.grid)
     if pattern.is_dense:
         empty = torch.zeros((1, 1, 1), dtype=torch.int32, device=q.device)
@@ -104,8 +107,7 @@ def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: flo
         geometry = [0, 0, 0, q.shape[1], grid_h, grid_w]
         mask_kind, params = 0, ()
     else:
-        blocks = build_block_layout(pattern, layout.grid, block_q, block_k, device=q.device)
-        tensors = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
+        tensors = layout_tensors(pattern, layout.grid, block_q, block_k, str(q.device))
         geometry = [layout.visual_start, layout.num_visual, layout.text_start, layout.text_len, grid_h, grid_w]
         mask_kind, params = pattern.kernel_mask(layout.grid)
     window = list(params) + [1] * (12 - len(params))
@@ -152,10 +154,11 @@ def attention(
     _check(q, k, v, pattern, layout, return_lse)
     pattern.validate(layout.grid)
     chosen, why = choose_impl(impl, q.device)
-    logger.debug("diffattn.attention: %s (%s)", chosen, why)
+    if not torch.compiler.is_compiling():
+        logger.debug("diffattn.attention: %s (%s)", chosen, why)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if chosen == "reference":
-        mask_mod = None if pattern.is_dense else pattern.mask_mod(layout)
+        mask_mod = None if pattern.is_dense else pattern.mask_mod(layout, q.device)
         out, lse = masked_attention_reference(q, k, v, mask_mod, scale=scale)
     else:
         out, lse = _attention_triton(q, k, v, pattern, layout, scale, block_size)

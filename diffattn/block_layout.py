@@ -163,6 +163,17 @@ def _build_cached(pattern: Pattern, grid: tuple, block_q: int, block_k: int, dev
     return layout if device == "cpu" else layout.to(device)
 
 
+@torch.compiler.assume_constant_result
+def layout_tensors(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device: str) -> tuple:
+    """``(full_num, full_idx, part_num, part_idx)`` of a cached layout.
+
+    ``torch.compile`` calls this once while tracing and keeps the tensors as constants, so a
+    compiled model does not trace the layout builder (and has no graph break there).
+    """
+    blocks = build_block_layout(pattern, grid, block_q, block_k, device)
+    return blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx
+
+
 def build_block_layout(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device="cpu") -> BlockLayout:
     """The BlockLayout of a static ``pattern`` on ``grid`` at the given block sizes, cached per
     (pattern, grid, block sizes, device).

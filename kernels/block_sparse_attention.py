@@ -20,30 +20,26 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _axis_attends(qc, kc, n, k, s, r):
-    """NATTEN/GNA window rule on one axis: query coords ``qc`` [BM] x key coords ``kc`` [BN]."""
+def _axis_window_start(qc, n, k, s, r):
+    """NATTEN/GNA rule on one axis for query coords ``qc`` [BM]: (dilation group, window start
+    in group coordinates)."""
     group = qc % r
-    gi = qc // r
     group_len = (n - group + r - 1) // r
-    leader = tl.minimum((gi // s) * s + s // 2, group_len - 1)
+    leader = tl.minimum(((qc // r) // s) * s + s // 2, group_len - 1)
     left = k // 2
     right = k // 2 + k % 2 - 1
     centre = tl.minimum(tl.maximum(leader, left), group_len - 1 - right)
-    start = centre - left  # [BM]
-    kg = kc // r
-    same_group = (kc % r)[None, :] == group[:, None]
-    inside = (kg[None, :] >= start[:, None]) & (kg[None, :] < start[:, None] + k)
-    return same_group & inside  # [BM, BN]
+    return group, centre - left
 
 
 @triton.jit
-def _window_mask(q_loc, k_loc, grid_h, grid_w,
-                 n_f, k_f, s_f, r_f, n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w):
-    hw = grid_h * grid_w
-    ok = _axis_attends(q_loc // hw, k_loc // hw, n_f, k_f, s_f, r_f)
-    ok = ok & _axis_attends((q_loc // grid_w) % grid_h, (k_loc // grid_w) % grid_h, n_h, k_h, s_h, r_h)
-    ok = ok & _axis_attends(q_loc % grid_w, k_loc % grid_w, n_w, k_w, s_w, r_w)
-    return ok
+def _axis_inside(group, start, kc, k, r, DILATED: tl.constexpr):
+    """Keys ``kc`` [BN] inside the windows of queries (group, start) [BM] -> [BM, BN]."""
+    if DILATED:
+        kg = kc // r
+        ok = (kc % r)[None, :] == group[:, None]
+        return ok & ((kg[None, :] - start[:, None]).to(tl.uint32, bitcast=True) < k)
+    return (kc[None, :] - start[:, None]).to(tl.uint32, bitcast=True) < k
 
 
 @triton.jit
@@ -124,7 +120,7 @@ def block_sparse_attn_fwd_kernel(
     n_f, k_f, s_f, r_f, n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w,
     qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, DILATED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -157,6 +153,11 @@ def block_sparse_attn_fwd_kernel(
 
     if is_visual:
         no_mask = tl.full((BLOCK_M, BLOCK_N), 1, tl.int1)
+        if MASK_KIND == 1:  # window starts of this block's queries, once for all key blocks
+            hw = grid_h * grid_w
+            g_f, st_f = _axis_window_start(q_loc // hw, n_f, k_f, s_f, r_f)
+            g_h, st_h = _axis_window_start((q_loc // grid_w) % grid_h, n_h, k_h, s_h, r_h)
+            g_w, st_w = _axis_window_start(q_loc % grid_w, n_w, k_w, s_w, r_w)
         fn_ptr = FullNum + b * stride_fnb + h * stride_fnh + pid_m * stride_fnm
         fi_ptr = FullIdx + b * stride_fib + h * stride_fih + pid_m * stride_fim
         for i in range(tl.load(fn_ptr)):
@@ -171,8 +172,9 @@ def block_sparse_attn_fwd_kernel(
             k_loc = start + tl.arange(0, BLOCK_N)
             key_mask = tl.broadcast_to((k_loc < n_vis)[None, :], (BLOCK_M, BLOCK_N))
             if MASK_KIND == 1:
-                key_mask = key_mask & _window_mask(q_loc, k_loc, grid_h, grid_w,
-                                                   n_f, k_f, s_f, r_f, n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w)
+                key_mask = key_mask & _axis_inside(g_f, st_f, k_loc // hw, k_f, r_f, DILATED)
+                key_mask = key_mask & _axis_inside(g_h, st_h, (k_loc // grid_w) % grid_h, k_h, r_h, DILATED)
+                key_mask = key_mask & _axis_inside(g_w, st_w, k_loc % grid_w, k_w, r_w, DILATED)
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, vis_start + start, key_mask, seq_len,
                                           stride_ks, stride_vs, qk_scale,
                                           HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)

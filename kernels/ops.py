@@ -28,16 +28,16 @@ def kernel_block_size(head_dim: int) -> tuple[int, int]:
     """Default (block_q, block_k) for a head dim; layouts are built at these sizes."""
     if head_dim <= 128:
         return 128, 64
-    return 64, 64
+    return 64, 64  # 128-row blocks run out of shared memory at D = 256
 
 
 def launch_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """num_warps / num_stages for the kernel (tuned on H100, bf16)."""
+    """num_warps / num_stages for the kernel (swept on H100, bf16: benchmarks/tune_kernel.py)."""
     if head_dim <= 64:
         return {"num_warps": 4, "num_stages": 3}
     if head_dim <= 128:
         return {"num_warps": 8, "num_stages": 3}
-    return {"num_warps": 8, "num_stages": 2}
+    return {"num_warps": 4, "num_stages": 3}
 
 
 def _check_layout_tensor(name: str, t: torch.Tensor, dims: int, device: torch.device) -> None:
@@ -120,6 +120,7 @@ def block_sparse_attention(
         BLOCK_M=block_q,
         BLOCK_N=block_k,
         MASK_KIND=mask_kind,
+        DILATED=mask_kind == 1 and any(r != 1 for r in window[3::4]),
         UPCAST=upcast,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **config,

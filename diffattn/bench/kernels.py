@@ -114,24 +114,70 @@ def sdpa_best(q, k, v) -> tuple[float, str]:
     return best
 
 
-def flex_ms(q, k, v, pattern: Pattern, layout: TokenLayout) -> tuple[float, float]:
-    """FlexAttention compiled, with a block mask from the same pattern: (ms, flex block density)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+FLEX_BLOCK = 128
 
+
+def flex_block_mask(pattern: Pattern, layout: TokenLayout, device):
+    """FlexAttention BlockMask with the same blocks as diffattn's layout (128 x 128).
+
+    Built from diffattn's analytic block classes (``create_block_mask`` materialises S x S
+    and does not fit at 119k tokens). Text blocks are full; blocks that mix visual and text
+    tokens, and the short last block, are partial and use the pattern's mask_mod.
+    Needs the visual tokens to start on a block boundary.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from ..patterns.base import FULL, PARTIAL
+
+    b = FLEX_BLOCK
+    if layout.visual_start % b:
+        raise ValueError(f"flex comparison needs visual tokens starting at a multiple of {b}")
+    s = layout.seq_len
+    nbs = -(-s // b)
+    classes = torch.full((nbs, nbs), FULL, dtype=torch.int8)
+    first = layout.visual_start // b
+    visual = pattern.block_classes(layout.grid, b, b)
+    nv = visual.shape[0]
+    classes[first : first + nv, first : first + nv] = visual
+    mixed = {first + nv - 1} if layout.num_visual % b else set()
+    if s % b:
+        mixed.add(nbs - 1)
+    for i in mixed:
+        for view in (classes[i, :], classes[:, i]):
+            view[view == FULL] = PARTIAL
+            if layout.text_len:
+                view[:] = torch.where(view == 0, torch.tensor(PARTIAL, dtype=torch.int8), view)
+    def indices(selected):  # flex wants one index slot per key block
+        order = torch.argsort(selected.to(torch.int8), dim=-1, descending=True, stable=True)
+        return selected.sum(-1, dtype=torch.int32), order.to(torch.int32)
+
+    part_num, part_idx = indices(classes == PARTIAL)
+    full_num, full_idx = indices(classes == FULL)
+    mask = pattern.mask_mod(layout, device)
+    mask_mod = lambda b_, h, q_idx, kv_idx: mask(q_idx, kv_idx)  # noqa: E731
+    return BlockMask.from_kv_blocks(
+        part_num[None, None].to(device), part_idx[None, None].to(device),
+        full_num[None, None].to(device), full_idx[None, None].to(device),
+        BLOCK_SIZE=b, mask_mod=mask_mod, seq_lengths=(s, s),
+    )
+
+
+def flex_ms(q, k, v, pattern: Pattern, layout: TokenLayout) -> tuple[float, float]:
+    """FlexAttention compiled, with the same block mask: (ms, flex computed block fraction)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
     compiled = torch.compile(flex_attention, dynamic=False)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     if pattern.is_dense:
         fn = lambda: compiled(qt, kt, vt)  # noqa: E731
         fn()
         return _median_ms(fn), 1.0
-    mask = pattern.mask_mod(layout)
-    table_mask = lambda b, h, q_idx, kv_idx: mask(q_idx, kv_idx)  # noqa: E731
-    s = layout.seq_len
-    block_mask = create_block_mask(table_mask, None, None, s, s, device=q.device, _compile=True)
-    sparsity = float(block_mask.sparsity()) / 100.0
+    block_mask = flex_block_mask(pattern, layout, q.device)
+    computed = 1.0 - float(block_mask.sparsity()) / 100.0
     fn = lambda: compiled(qt, kt, vt, block_mask=block_mask)  # noqa: E731
     fn()
-    return _median_ms(fn), 1.0 - sparsity
+    return _median_ms(fn), computed
 
 
 def xformers_ms(q, k, v) -> float | None:

@@ -41,7 +41,7 @@ class Pattern:
     def validate(self, grid: tuple) -> None:
         """Raise ValueError if this pattern cannot be applied to ``grid``."""
 
-    def visual_mask_mod(self, grid: tuple) -> MaskMod:
+    def visual_mask_mod(self, grid: tuple, device=None) -> MaskMod:
         raise NotImplementedError
 
     def block_classes(self, grid: tuple, block_q: int, block_k: int) -> torch.Tensor:
@@ -58,10 +58,17 @@ class Pattern:
     def is_dense(self) -> bool:
         return False
 
+    def kernel_block_limit(self) -> int | None:
+        """Largest kernel block size this pattern supports (None: any)."""
+        return None
+
     # --- shared, text-aware helpers -------------------------------------------------
 
-    def mask_mod(self, layout: TokenLayout) -> MaskMod:
+    def mask_mod(self, layout: TokenLayout, device=None) -> MaskMod:
         """``(q_idx, kv_idx) -> bool`` over the whole sequence of ``layout``, text included.
+
+        ``device``: where lookup tables live (default CPU; they follow the indices' device
+        otherwise, at the cost of a copy per call).
 
         >>> import diffattn, torch
         >>> mm = diffattn.SlidingWindow(3).mask_mod(diffattn.TokenLayout((4, 4), text_len=2))
@@ -69,7 +76,7 @@ class Pattern:
         True
         """
         self.validate(layout.grid)
-        visual = self.visual_mask_mod(layout.grid)
+        visual = self.visual_mask_mod(layout.grid, device)
         vs, nv = layout.visual_start, layout.num_visual
 
         def mask(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ class Dense(Pattern):
     def is_dense(self) -> bool:
         return True
 
-    def visual_mask_mod(self, grid: tuple) -> MaskMod:
+    def visual_mask_mod(self, grid: tuple, device=None) -> MaskMod:
         def mask(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
             return torch.ones(torch.broadcast_shapes(q.shape, kv.shape), dtype=torch.bool, device=q.device)
 

@@ -83,14 +83,15 @@ class Radial(Pattern):
             table[:, 0] = s
         return table
 
-    def element_mask_mod(self, grid: tuple) -> MaskMod:
+    def element_mask_mod(self, grid: tuple, device=None) -> MaskMod:
         """The mask before block conversion, on visual token indices."""
         f_n, h_n, w_n = as_grid3(grid)
         s = h_n * w_n
-        widths = self.frame_widths(grid)
+        widths = self.frame_widths(grid).to(device or "cpu")
 
         def mask(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-            return (q % s - kv % s).abs() <= widths[q // s, kv // s]
+            table = widths if widths.device == q.device else widths.to(q.device)
+            return (q % s - kv % s).abs() <= table[q // s, kv // s]
 
         return mask
 
@@ -100,14 +101,18 @@ class Radial(Pattern):
         """``bool [NB, NB]``: which (query block, key block) pairs of ``self.block`` tokens are kept."""
         return _radial_block_keep(self.frame_widths(grid), as_grid3(grid), self.block)
 
-    def visual_mask_mod(self, grid: tuple) -> MaskMod:
-        keep = self.block_keep(grid)
+    def visual_mask_mod(self, grid: tuple, device=None) -> MaskMod:
+        keep = self.block_keep(grid).to(device or "cpu")
         b = self.block
 
         def mask(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-            return keep[q // b, kv // b]
+            table = keep if keep.device == q.device else keep.to(q.device)
+            return table[q // b, kv // b]
 
         return mask
+
+    def kernel_block_limit(self) -> int | None:
+        return self.block
 
     def validate(self, grid: tuple) -> None:
         if len(grid) not in (2, 3):
