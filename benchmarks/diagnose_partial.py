@@ -7,6 +7,7 @@ import torch
 import triton.testing
 
 import diffattn
+import diffattn.kernels  # registers torch.ops.diffattn
 from diffattn import SlidingWindow, TokenLayout
 from diffattn.block_layout import build_block_layout
 

@@ -15,7 +15,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 steps=${*:-tests tune bench}
 for step in $steps; do
   case $step in
-    tests) python3 -m pytest tests/test_kernel_cuda.py -q -x 2>&1 | tail -30 | tee "$OUT/gpu-tests.log" ;;
+    tests) python3 -m pytest tests/test_kernel_cuda.py -q -p no:logging ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/gpu-tests.log" 2>&1; grep -E "passed|failed|Error" "$OUT/gpu-tests.log" | tail -15 ;;
+    diagnose) python3 benchmarks/diagnose_partial.py 2>&1 | tee "$OUT/diagnose.log" ;;
     alltests) python3 -m pytest tests -q 2>&1 | tail -30 | tee "$OUT/gpu-tests.log" ;;
     tune) python3 benchmarks/tune_kernel.py --out "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" ;;
     bench) python3 -m diffattn.cli bench kernels --out "$OUT/bench-kernels.json" 2>&1 | tee "$OUT/bench.log" ;;

@@ -15,8 +15,23 @@ from .tokens import TokenLayout
 
 __version__ = "0.1.0"
 
+_LAZY = {"apply": "integration", "remove": "integration", "SparseHandle": "integration", "Schedule": "integration"}
+
+
+def __getattr__(name):
+    # diffusers is imported only when the integration is used.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'diffattn' has no attribute {name!r}")
+
 __all__ = [
     "BlockLayout",
+    "Schedule",
+    "SparseHandle",
+    "apply",
+    "remove",
     "Dense",
     "Pattern",
     "Radial",

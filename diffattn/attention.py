@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .block_layout import layout_tensors
+from .block_layout import check_block_sizes, layout_tensors
 from .patterns.base import Pattern, as_grid3
 from .reference import masked_attention_reference
 from .tokens import TokenLayout
@@ -107,7 +107,7 @@ def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: flo
         geometry = [0, 0, 0, q.shape[1], grid_h, grid_w]
         mask_kind, params = 0, ()
     else:
-        tensors = layout_tensors(pattern, layout.grid, block_q, block_k, str(q.device))
+        tensors = layout_tensors(pattern.spec(), layout.grid, block_q, block_k, str(q.device))
         geometry = [layout.visual_start, layout.num_visual, layout.text_start, layout.text_len, grid_h, grid_w]
         mask_kind, params = pattern.kernel_mask(layout.grid)
     window = list(params) + [1] * (12 - len(params))
@@ -152,6 +152,10 @@ def attention(
     torch.Size([1, 272, 2, 64])
     """
     _check(q, k, v, pattern, layout, return_lse)
+    if block_size is not None:
+        if not isinstance(block_size, (tuple, list)) or len(block_size) != 2:
+            raise ValueError(f"block_size must be (block_q, block_k), got {block_size!r}")
+        check_block_sizes(*block_size)
     pattern.validate(layout.grid)
     chosen, why = choose_impl(impl, q.device)
     if not torch.compiler.is_compiling():

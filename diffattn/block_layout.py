@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .patterns.base import EMPTY, FULL, PARTIAL, Pattern, as_grid3, block_sizes, num_blocks
+from .patterns.base import EMPTY, FULL, PARTIAL, Pattern, as_grid3, block_sizes, num_blocks, pattern_from_spec
 
 
 def _indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,14 +163,23 @@ def _build_cached(pattern: Pattern, grid: tuple, block_q: int, block_k: int, dev
     return layout if device == "cpu" else layout.to(device)
 
 
+def check_block_sizes(block_q, block_k) -> None:
+    """Kernel block sizes must be powers of two in [16, 256]."""
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+        if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 256 or size & (size - 1):
+            raise ValueError(f"{name} must be a power of two between 16 and 256, got {size!r}")
+
+
 @torch.compiler.assume_constant_result
-def layout_tensors(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device: str) -> tuple:
-    """``(full_num, full_idx, part_num, part_idx)`` of a cached layout.
+def layout_tensors(spec: tuple, grid: tuple, block_q: int, block_k: int, device: str) -> tuple:
+    """``(full_num, full_idx, part_num, part_idx)`` of the cached layout of the pattern
+    ``pattern_from_spec(spec)``.
 
     ``torch.compile`` calls this once while tracing and keeps the tensors as constants, so a
-    compiled model does not trace the layout builder (and has no graph break there).
+    compiled model does not trace the layout builder (and has no graph break there). It takes
+    the pattern's plain ``spec`` because dynamo cannot pass frozen dataclasses to such calls.
     """
-    blocks = build_block_layout(pattern, grid, block_q, block_k, device)
+    blocks = build_block_layout(pattern_from_spec(spec), grid, block_q, block_k, device)
     return blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx
 
 
@@ -181,15 +190,13 @@ def build_block_layout(pattern: Pattern, grid: tuple, block_q: int, block_k: int
     >>> import diffattn
     >>> layout = build_block_layout(diffattn.SlidingWindow(3), (8, 8), 16, 16)
     >>> print(layout.render())
-    ##+.
-    +#++
-    .+#+
-    .++#
+    ++..
+    +++.
+    .+++
+    ..++
     """
     if not pattern.static:
         raise ValueError(f"{type(pattern).__name__} selects blocks from the data; it has no static layout")
-    for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 16 or size & (size - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {size!r}")
+    check_block_sizes(block_q, block_k)
     pattern.validate(tuple(grid))
     return _build_cached(pattern, tuple(grid), block_q, block_k, str(torch.device(device)))

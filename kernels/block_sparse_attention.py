@@ -105,7 +105,7 @@ def _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, lo, hi,
 @triton.jit
 def block_sparse_attn_fwd_kernel(
     Q, K, V, Out, Lse,
-    FullNum, FullIdx, PartNum, PartIdx,
+    FullNum, FullIdx, PartNum, PartIdx, Coords,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -120,7 +120,7 @@ def block_sparse_attn_fwd_kernel(
     n_f, k_f, s_f, r_f, n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w,
     qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, DILATED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, DILATED: tl.constexpr, PACKED_COORDS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -172,9 +172,18 @@ def block_sparse_attn_fwd_kernel(
             k_loc = start + tl.arange(0, BLOCK_N)
             key_mask = tl.broadcast_to((k_loc < n_vis)[None, :], (BLOCK_M, BLOCK_N))
             if MASK_KIND == 1:
-                key_mask = key_mask & _axis_inside(g_f, st_f, k_loc // hw, k_f, r_f, DILATED)
-                key_mask = key_mask & _axis_inside(g_h, st_h, (k_loc // grid_w) % grid_h, k_h, r_h, DILATED)
-                key_mask = key_mask & _axis_inside(g_w, st_w, k_loc % grid_w, k_w, r_w, DILATED)
+                if PACKED_COORDS:  # one load instead of three run-time divisions per key
+                    packed = tl.load(Coords + k_loc, mask=k_loc < n_vis, other=0)  # [BN]
+                    kf = packed >> 20
+                    kh = (packed >> 10) & 1023
+                    kw = packed & 1023
+                else:
+                    kf = k_loc // hw
+                    kh = (k_loc // grid_w) % grid_h
+                    kw = k_loc % grid_w
+                key_mask = key_mask & _axis_inside(g_f, st_f, kf, k_f, r_f, DILATED)
+                key_mask = key_mask & _axis_inside(g_h, st_h, kh, k_h, r_h, DILATED)
+                key_mask = key_mask & _axis_inside(g_w, st_w, kw, k_w, r_w, DILATED)
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, vis_start + start, key_mask, seq_len,
                                           stride_ks, stride_vs, qk_scale,
                                           HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)

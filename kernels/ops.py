@@ -6,6 +6,7 @@ without a graph break; the op runs on CUDA and, under ``TRITON_INTERPRET=1``, on
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -38,6 +39,18 @@ def launch_config(head_dim: int, dtype: torch.dtype) -> dict:
     if head_dim <= 128:
         return {"num_warps": 8, "num_stages": 3}
     return {"num_warps": 4, "num_stages": 3}
+
+
+@functools.lru_cache(maxsize=16)
+def packed_coords(frames: int, height: int, width: int, device: str) -> torch.Tensor | None:
+    """``int32 [F * H * W]``: each visual token's ``(f << 20) | (h << 10) | w``, or None when
+    the grid does not fit in 11 / 10 / 10 bits (the kernel then divides instead)."""
+    if frames >= 2048 or height >= 1024 or width >= 1024:
+        return None
+    f = torch.arange(frames, dtype=torch.int32)[:, None, None] << 20
+    h = torch.arange(height, dtype=torch.int32)[None, :, None] << 10
+    w = torch.arange(width, dtype=torch.int32)[None, None, :]
+    return (f | h | w).reshape(-1).to(device)
 
 
 def _check_layout_tensor(name: str, t: torch.Tensor, dims: int, device: torch.device) -> None:
@@ -97,11 +110,14 @@ def block_sparse_attention(
     def bstride(t: torch.Tensor, dim: int, size: int) -> int:
         return 0 if t.shape[dim] == 1 and size != 1 else t.stride(dim)
 
+    coords = None
+    if mask_kind == 1 and n_vis:
+        coords = packed_coords(n_vis // (grid_h * grid_w), grid_h, grid_w, str(q.device))
     upcast = interpreting() and q.dtype == torch.bfloat16
     config = {} if interpreting() else launch_config(head_dim, q.dtype)
     block_sparse_attn_fwd_kernel[grid](
         q, k, v, out, lse,
-        full_num, full_idx, part_num, part_idx,
+        full_num, full_idx, part_num, part_idx, full_num if coords is None else coords,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -121,6 +137,7 @@ def block_sparse_attention(
         BLOCK_N=block_k,
         MASK_KIND=mask_kind,
         DILATED=mask_kind == 1 and any(r != 1 for r in window[3::4]),
+        PACKED_COORDS=coords is not None,
         UPCAST=upcast,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **config,

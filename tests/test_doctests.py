@@ -14,23 +14,8 @@ MODULES = [
     "diffattn.patterns.dense",
     "diffattn.patterns.window",
     "diffattn.patterns.spec",
-    pytest.param(
-        "diffattn.patterns.radial",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="library bug: Radial's docstring says density 0.294 on (18, 48, 80); the code gives 0.287 "
-            "(which is the paper's number, METHODS section 3)",
-        ),
-    ),
-    pytest.param(
-        "diffattn.block_layout",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="library bug: build_block_layout's docstring shows '##+.' rows for SlidingWindow(3) on (8, 8) "
-            "at 16x16; a 3x3 window can never fill a 16-token block (2 grid rows x 8 columns), the true "
-            "render is '++..\\n+++.\\n.+++\\n..++'",
-        ),
-    ),
+    "diffattn.patterns.radial",
+    "diffattn.block_layout",
 ]
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import diffattn
+import diffattn.kernels  # noqa: F401  (registers torch.ops.diffattn)
 from diffattn import Dense, Radial, SlidingWindow, TokenLayout
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -93,4 +94,4 @@ def test_attention_compiles_cuda():
     q, k, v = (torch.randn(1, layout.seq_len, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for pattern in (Radial(0.2), Radial(0.2, block=64), SlidingWindow((3, 5, 5), dilation=(1, 2, 2))):
         fn = lambda q, k, v: diffattn.attention(q, k, v, pattern, layout=layout) * 2  # noqa: E731
-        torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v))
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True, dynamic=False)(q, k, v), fn(q, k, v))

@@ -255,13 +255,6 @@ def test_fake_tensor_shapes():
     assert lse.shape == (2, layout.seq_len, 3) and lse.dtype == torch.float32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: attention() validates block_size (powers of two >= 16) only inside "
-    "build_block_layout; with Dense() a bad block_size reaches the kernel (24: Triton InterpreterError / "
-    "compile error; 8: runs on the interpreter, fails to compile tl.dot on a GPU), and a 1-tuple fails with "
-    "'not enough values to unpack' without naming block_size",
-)
 @pytest.mark.parametrize("pattern, block", [(Dense(), (24, 16)), (Dense(), (16, 8)), (SlidingWindow(2), (16,))], ids=["dense-24x16", "dense-16x8", "window-1-tuple"])
 def test_block_size_is_validated_for_every_pattern(pattern, block):
     layout = TokenLayout((2, 4, 4), text_len=3)

@@ -58,6 +58,11 @@ class Pattern:
     def is_dense(self) -> bool:
         return False
 
+    def spec(self) -> tuple:
+        """``(class name, *field values)``: plain values that rebuild the pattern
+        (``pattern_from_spec``), so compiled code can key caches without the object."""
+        raise NotImplementedError
+
     def kernel_block_limit(self) -> int | None:
         """Largest kernel block size this pattern supports (None: any)."""
         return None
@@ -94,6 +99,14 @@ class Pattern:
         n, t = layout.num_visual, layout.text_len
         pairs = self.visual_pairs(layout.grid) + 2 * n * t + t * t
         return pairs / layout.seq_len**2
+
+
+def pattern_from_spec(spec: tuple) -> "Pattern":
+    """Inverse of ``Pattern.spec``."""
+    from . import Dense, Radial, SlidingWindow
+
+    classes = {cls.__name__: cls for cls in (Dense, Radial, SlidingWindow)}
+    return classes[spec[0]](*spec[1:])
 
 
 def as_grid3(grid: tuple) -> tuple[int, int, int]:

@@ -22,6 +22,9 @@ class Dense(Pattern):
     def is_dense(self) -> bool:
         return True
 
+    def spec(self) -> tuple:
+        return ("Dense",)
+
     def visual_mask_mod(self, grid: tuple, device=None) -> MaskMod:
         def mask(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
             return torch.ones(torch.broadcast_shapes(q.shape, kv.shape), dtype=torch.bool, device=q.device)

@@ -40,7 +40,7 @@ class Radial(Pattern):
     >>> import diffattn
     >>> p = diffattn.Radial(decay=0.2)
     >>> round(p.density(diffattn.TokenLayout((18, 48, 80))), 3)
-    0.294
+    0.287
     """
 
     decay: float
@@ -100,6 +100,9 @@ class Radial(Pattern):
     def block_keep(self, grid: tuple) -> torch.Tensor:
         """``bool [NB, NB]``: which (query block, key block) pairs of ``self.block`` tokens are kept."""
         return _radial_block_keep(self.frame_widths(grid), as_grid3(grid), self.block)
+
+    def spec(self) -> tuple:
+        return ("Radial", self.decay, self.sink, self.block)
 
     def visual_mask_mod(self, grid: tuple, device=None) -> MaskMod:
         keep = self.block_keep(grid).to(device or "cpu")

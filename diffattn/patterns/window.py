@@ -138,6 +138,9 @@ class SlidingWindow(Pattern):
             if s > k:
                 raise ValueError(f"SlidingWindow stride[{axis}]={s} is larger than window[{axis}]={k}; allowed: 1 <= stride <= window")
 
+    def spec(self) -> tuple:
+        return ("SlidingWindow", self.window, self.stride, self.dilation)
+
     def visual_mask_mod(self, grid: tuple, device=None) -> MaskMod:
         rules = self.axes(grid)
         _, h_n, w_n = as_grid3(grid)

@@ -1,0 +1,140 @@
+"""``diffattn.apply`` / ``diffattn.remove``: install sparse self-attention into a diffusers model.
+
+Only diffusers' public extension points are used: ``set_attn_processor`` for the processors and
+a ``diffusers.hooks`` ``ModelHook`` on the transformer for the generation state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.hooks import HookRegistry
+
+from ..attention import IMPLS
+from ..patterns.base import Pattern
+from .core import Schedule, SparseAttentionCore
+from .families.wan import WanAdapter
+from .state import GenerationState, GenerationStateHook
+
+HOOK_NAME = "diffattn.generation_state"
+ADAPTERS = (WanAdapter(),)
+TRANSFORMER_ATTRS = ("transformer", "transformer_2")  # Wan 2.2 has two experts
+
+
+@dataclass
+class SparseHandle:
+    """What ``apply`` replaced: per transformer attribute, the processor names now sparse."""
+
+    family: str
+    pattern: Pattern
+    schedule: Schedule
+    impl: str
+    replaced: dict[str, list[str]]
+    states: dict[str, GenerationState] = field(repr=False)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{name}: {len(procs)} self-attention processors" for name, procs in self.replaced.items())
+        return (f"SparseHandle(family={self.family}, pattern={self.pattern}, dense_steps={self.schedule.dense_steps}, "
+                f"dense_layers={self.schedule.dense_layers}, dense_last_steps={self.schedule.dense_last_steps}, "
+                f"impl={self.impl!r}; {parts})")
+
+
+def _transformers(target) -> tuple[dict[str, torch.nn.Module], object]:
+    """``({attribute: transformer}, scheduler or None)`` of a pipeline or a bare transformer."""
+    if isinstance(target, torch.nn.Module):
+        return {"transformer": target}, None
+    found = {name: getattr(target, name) for name in TRANSFORMER_ATTRS if isinstance(getattr(target, name, None), torch.nn.Module)}
+    if not found:
+        raise TypeError(f"target must be a diffusers pipeline with a transformer or a transformer model, got {type(target).__name__}")
+    return found, getattr(target, "scheduler", None)
+
+
+def _adapter_for(transformer: torch.nn.Module):
+    name = type(transformer).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.transformer_classes:
+            return adapter
+    supported = sorted(c for a in ADAPTERS for c in a.transformer_classes)
+    raise ValueError(f"diffattn has no adapter for {name}; supported transformers: {', '.join(supported)}")
+
+
+def _installed_hook(transformer: torch.nn.Module) -> GenerationStateHook | None:
+    registry = getattr(transformer, "_diffusers_hook", None)
+    return registry.get_hook(HOOK_NAME) if registry is not None else None
+
+
+def apply(target, pattern: Pattern, *, dense_steps: int = 0, dense_layers: int = 0, dense_last_steps: int = 0,
+          cache=None, impl: str = "auto") -> SparseHandle:
+    """Make the DiT's visual self-attention sparse.
+
+    Args:
+        target: a diffusers pipeline (its ``transformer``, and ``transformer_2`` when present)
+            or a transformer model.
+        pattern: the attention pattern (``Dense()``, ``SlidingWindow(...)``, ``Radial(...)``).
+        dense_steps: the first N denoising steps stay dense. Default 0.
+        dense_layers: the first L transformer blocks stay dense. Default 0.
+        dense_last_steps: the last M steps stay dense (needs a pipeline target). Default 0.
+        cache: reserved for the cross-step attention cache; must be None for now.
+        impl: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``diffattn.attention``).
+
+    Returns:
+        A ``SparseHandle`` describing what was replaced. Applying again replaces the previous
+        installation cleanly; ``diffattn.remove(target)`` restores diffusers' processors.
+
+    >>> import diffattn
+    >>> from diffusers import WanTransformer3DModel
+    >>> model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+    ...                               out_channels=4, text_dim=8, freq_dim=8, ffn_dim=16, num_layers=2)
+    >>> diffattn.apply(model, diffattn.SlidingWindow((3, 5, 5)), dense_layers=1)
+    SparseHandle(family=wan, pattern=SlidingWindow(window=(3, 5, 5), stride=1, dilation=1), dense_steps=0, dense_layers=1, dense_last_steps=0, impl='auto'; transformer: 2 self-attention processors)
+    >>> diffattn.remove(model)
+    """
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a diffattn pattern (Dense, SlidingWindow, Radial, ...), got {type(pattern).__name__}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if cache is not None:
+        raise NotImplementedError("cache= (the cross-step attention cache) is not available yet; pass cache=None")
+    schedule = Schedule(dense_steps, dense_layers, dense_last_steps)
+    transformers, scheduler = _transformers(target)
+    adapters = {name: _adapter_for(t) for name, t in transformers.items()}
+    for transformer in transformers.values():
+        if _installed_hook(transformer) is not None:
+            _remove_one(transformer)
+    replaced, states = {}, {}
+    for attr, transformer in transformers.items():
+        adapter = adapters[attr]
+        state = GenerationState()
+        original = dict(transformer.attn_processors)
+        processors = dict(original)
+        names = adapter.sparse_processor_names(transformer)
+        for layer, name in enumerate(names):
+            proc = adapter.processor_class(SparseAttentionCore(pattern, schedule, layer, state, impl))
+            proc._attention_backend = getattr(original[name], "_attention_backend", None)
+            proc._parallel_config = getattr(original[name], "_parallel_config", None)
+            processors[name] = proc
+        transformer.set_attn_processor(processors)
+        hook = GenerationStateHook(adapter, state, scheduler)
+        hook.original_processors = original
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK_NAME)
+        replaced[attr], states[attr] = names, state
+    family = next(iter(adapters.values())).name
+    return SparseHandle(family, pattern, schedule, impl, replaced, states)
+
+
+def _remove_one(transformer: torch.nn.Module) -> None:
+    hook = _installed_hook(transformer)
+    transformer.set_attn_processor(hook.original_processors)
+    transformer._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+
+
+def remove(target) -> None:
+    """Restore the attention processors ``apply`` replaced (outputs are then bit-identical to
+    before ``apply``). Raises ValueError if diffattn is not applied to ``target``."""
+    transformers, _ = _transformers(target)
+    applied = [t for t in transformers.values() if _installed_hook(t) is not None]
+    if not applied:
+        raise ValueError(f"diffattn is not applied to this {type(target).__name__}")
+    for transformer in applied:
+        _remove_one(transformer)

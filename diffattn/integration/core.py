@@ -1,0 +1,70 @@
+"""The shared part of every diffattn processor: choose dense or sparse, then attend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from ..attention import attention
+from ..patterns.base import Pattern
+from .state import GenerationState
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When attention stays dense.
+
+    Args:
+        dense_steps: the first N denoising steps are dense. Default 0.
+        dense_layers: the first L transformer blocks (execution order) are dense. Default 0.
+        dense_last_steps: the last M steps are dense too (needs the step count, known when
+            diffattn was applied to a pipeline). Default 0.
+    """
+
+    dense_steps: int = 0
+    dense_layers: int = 0
+    dense_last_steps: int = 0
+
+    def __post_init__(self):
+        for name in ("dense_steps", "dense_layers", "dense_last_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+    def is_dense(self, state: GenerationState, layer: int) -> bool:
+        if layer < self.dense_layers or state.step < self.dense_steps:
+            return True
+        if self.dense_last_steps and state.num_steps is not None:
+            return state.step >= state.num_steps - self.dense_last_steps
+        return False
+
+
+class SparseAttentionCore:
+    """Attention of one transformer block's self-attention under a pattern and a schedule.
+
+    Dense calls go through diffusers' ``dispatch_attention_fn`` with the processor's attention
+    backend and parallel config, so they are exactly what the default processor computes.
+    """
+
+    def __init__(self, pattern: Pattern, schedule: Schedule, layer: int, state: GenerationState, impl: str):
+        self.pattern = pattern
+        self.schedule = schedule
+        self.layer = layer
+        self.state = state
+        self.impl = impl
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend=None, parallel_config=None,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, S, H, D]`` in, ``[B, S, H, D]`` out."""
+        layout = self.state.layout
+        if layout is None or self.pattern.is_dense or self.schedule.is_dense(self.state, self.layer):
+            return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
+                                         backend=backend, parallel_config=parallel_config)
+        if layout.seq_len != q.shape[1]:
+            raise RuntimeError(
+                f"diffattn: the transformer call's token layout {layout} has {layout.seq_len} tokens but "
+                f"attention received {q.shape[1]}"
+            )
+        return attention(q, k, v, self.pattern, layout=layout, impl=self.impl)

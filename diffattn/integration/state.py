@@ -1,0 +1,74 @@
+"""Per-generation state read from the transformer's inputs, never from counting attention calls.
+
+A ``GenerationStateHook`` (a diffusers ``ModelHook``) runs before every transformer forward and
+records the token layout of the call and the denoising step index. The step index comes from
+the pipeline's scheduler when diffattn was applied to a pipeline (the position of the call's
+timestep in ``scheduler.timesteps``, so CFG calls of one step share it and every generation
+starts at 0); applied to a bare transformer it counts timestep changes and starts again when
+the timestep goes up (a new generation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.hooks import ModelHook
+
+from ..tokens import TokenLayout
+
+
+@dataclass
+class GenerationState:
+    """What the processors need to know about the current transformer call."""
+
+    step: int = 0
+    num_steps: int | None = None
+    timestep: float | None = None
+    layout: TokenLayout | None = None
+    calls: int = 0
+
+    def reset(self) -> None:
+        self.step, self.num_steps, self.timestep, self.layout, self.calls = 0, None, None, None, 0
+
+
+def _first_timestep(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value.reshape(-1)[0]) if value.numel() else None
+    return float(value)
+
+
+class GenerationStateHook(ModelHook):
+    """Records the token layout and step index before each transformer forward."""
+
+    _is_stateful = True
+
+    def __init__(self, adapter, state: GenerationState, scheduler=None, handle=None):
+        super().__init__()
+        self.adapter = adapter
+        self.state = state
+        self.scheduler = scheduler
+        self.handle = handle
+
+    def pre_forward(self, module, *args, **kwargs):
+        state = self.state
+        state.layout = self.adapter.token_layout(module, args, kwargs)
+        t = _first_timestep(self.adapter.timestep(args, kwargs))
+        timesteps = getattr(self.scheduler, "timesteps", None) if self.scheduler is not None else None
+        if t is not None and timesteps is not None and len(timesteps):
+            state.step = int((timesteps.float().cpu() - t).abs().argmin())
+            state.num_steps = len(timesteps)
+        elif t is not None:
+            if state.timestep is None or t > state.timestep:
+                state.step = 0  # first call, or the timestep went up: a new generation
+            elif t != state.timestep:
+                state.step += 1
+        state.timestep = t
+        state.calls += 1
+        return args, kwargs
+
+    def reset_state(self, module):
+        self.state.reset()
+        return module
