@@ -34,6 +34,21 @@ def _block(text: str) -> tuple[int, int]:
     return sizes
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    if args.steps is not None and args.steps < 1:
+        raise CliError(f"--steps must be >= 1, got {args.steps}")
+    if args.dense_steps < 0:
+        raise CliError(f"--dense-steps must be >= 0, got {args.dense_steps}")
+    try:
+        run_demo(args.out, pattern_spec=args.pattern, prompt=args.prompt, seed=args.seed,
+                 dense_steps=args.dense_steps, steps=args.steps, impl=args.impl)
+    except (ValueError, TypeError) as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
 def cmd_show(args) -> int:
     from .block_layout import build_block_layout
     from .patterns import parse_pattern
@@ -104,6 +119,21 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffattn", description="Sparse attention for diffusers DiT models.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from .demo import DEMO_PATTERN, DEMO_PROMPT
+
+    demo = sub.add_parser("demo", help="generate a video with the embedded demo pipeline",
+                          description="Generate a short video with the embedded tiny Wan pipeline (random weights: the "
+                                      "frames are noise) and sparse self-attention; writes MP4, GIF, a PNG of the "
+                                      "frames and a JSON record.")
+    demo.add_argument("--out", default="outputs/demo", help="output folder, default outputs/demo")
+    demo.add_argument("--pattern", default=DEMO_PATTERN, help=f"attention pattern, default {DEMO_PATTERN}")
+    demo.add_argument("--prompt", default=DEMO_PROMPT, help="text prompt")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the noise, default 0")
+    demo.add_argument("--steps", type=int, default=None, help="denoising steps (default 8)")
+    demo.add_argument("--dense-steps", type=int, default=2, help="first N steps dense, default 2")
+    demo.add_argument("--impl", choices=["auto", "triton", "reference"], default="auto", help="attention implementation")
+    demo.set_defaults(func=cmd_demo)
 
     show = sub.add_parser("show", help="draw a pattern's block layout", description="Print and draw the block layout of a pattern on a token grid.")
     show.add_argument("pattern", help="pattern, e.g. 'window:3x9x9', 'window:*x8x8,stride=1x2x2', 'radial:0.2', 'dense'")
