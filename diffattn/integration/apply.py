@@ -14,11 +14,10 @@ from diffusers.hooks import HookRegistry
 from ..attention import IMPLS
 from ..patterns.base import Pattern
 from .core import Schedule, SparseAttentionCore
-from .families.wan import WanAdapter
+from .families import all_adapters
 from .state import GenerationState, GenerationStateHook
 
 HOOK_NAME = "diffattn.generation_state"
-ADAPTERS = (WanAdapter(),)
 TRANSFORMER_ATTRS = ("transformer", "transformer_2")  # Wan 2.2 has two experts
 
 
@@ -52,10 +51,11 @@ def _transformers(target) -> tuple[dict[str, torch.nn.Module], object]:
 
 def _adapter_for(transformer: torch.nn.Module):
     name = type(transformer).__name__
-    for adapter in ADAPTERS:
+    adapters = all_adapters()
+    for adapter in adapters:
         if name in adapter.transformer_classes:
             return adapter
-    supported = sorted(c for a in ADAPTERS for c in a.transformer_classes)
+    supported = sorted(c for a in adapters for c in a.transformer_classes)
     raise ValueError(f"diffattn has no adapter for {name}; supported transformers: {', '.join(supported)}")
 
 

@@ -70,3 +70,6 @@ class WanAdapter:
 
     def timestep(self, args, kwargs):
         return kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+
+
+ADAPTER = WanAdapter()
