@@ -92,7 +92,27 @@ def _check(q, k, v, pattern, layout, return_lse) -> None:
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
 
 
-def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: float, block_size) -> tuple:
+def _check_text_lens(text_lens, q: torch.Tensor, layout: TokenLayout) -> None:
+    if text_lens is None:
+        return
+    if not isinstance(text_lens, torch.Tensor) or text_lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"text_lens must be an int32/int64 tensor [B], got {type(text_lens).__name__}"
+                        f"{'' if not isinstance(text_lens, torch.Tensor) else ' of ' + str(text_lens.dtype)}")
+    if text_lens.shape != (q.shape[0],) or text_lens.device != q.device:
+        raise ValueError(f"text_lens must be [B={q.shape[0]}] on {q.device}, got {tuple(text_lens.shape)} on {text_lens.device}")
+    if not torch.compiler.is_compiling() and bool(((text_lens < 0) | (text_lens > layout.text_len)).any()):
+        raise ValueError(f"text_lens must lie in [0, text_len={layout.text_len}], got {text_lens.tolist()}")
+
+
+def text_key_padding(text_lens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """``bool [B, S]``: False on the padded text keys of each batch row."""
+    idx = torch.arange(layout.seq_len, device=text_lens.device)
+    in_text = (idx >= layout.text_start) & (idx < layout.text_start + layout.text_len)
+    padded = in_text[None, :] & (idx[None, :] >= layout.text_start + text_lens[:, None])
+    return ~padded
+
+
+def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: float, block_size, text_lens) -> tuple:
     from .kernels import block_sparse_attention, kernel_block_size
 
     block_q, block_k = block_size or kernel_block_size(q.shape[-1])
@@ -104,14 +124,14 @@ def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: flo
         empty = torch.zeros((1, 1, 1), dtype=torch.int32, device=q.device)
         empty_idx = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=q.device)
         tensors = (empty, empty_idx, empty, empty_idx)
-        geometry = [0, 0, 0, q.shape[1], grid_h, grid_w]
+        geometry = [0, 0, layout.text_start, layout.text_len, grid_h, grid_w]  # n_vis == 0: every row dense
         mask_kind, params = 0, ()
     else:
         tensors = layout_tensors(pattern.spec(), layout.grid, block_q, block_k, str(q.device))
         geometry = [layout.visual_start, layout.num_visual, layout.text_start, layout.text_len, grid_h, grid_w]
         mask_kind, params = pattern.kernel_mask(layout.grid)
     window = list(params) + [1] * (12 - len(params))
-    return block_sparse_attention(q, k, v, *tensors, geometry, window, mask_kind, scale, block_q, block_k)
+    return block_sparse_attention(q, k, v, *tensors, geometry, window, mask_kind, scale, block_q, block_k, text_lens)
 
 
 def attention(
@@ -125,6 +145,7 @@ def attention(
     return_lse: bool = False,
     scale: float | None = None,
     block_size: tuple[int, int] | None = None,
+    text_lens: torch.Tensor | None = None,
 ):
     """Attention of ``q`` over ``k, v`` restricted to ``pattern``.
 
@@ -140,6 +161,9 @@ def attention(
         scale: softmax scale, default ``D ** -0.5``.
         block_size: ``(block_q, block_k)`` of the kernel, powers of two >= 16; default
             chosen from the head dim.
+        text_lens: optional ``int [B]``: how many text tokens of each batch row are real; the
+            rest of the text segment is padding and no query attends it (HunyuanVideo's
+            prompt padding). Default: all text tokens are attended.
 
     Returns:
         ``out`` ``[B, S, H, D]`` in q's dtype, or ``(out, lse)`` with ``return_lse=True``.
@@ -156,6 +180,7 @@ def attention(
         if not isinstance(block_size, (tuple, list)) or len(block_size) != 2:
             raise ValueError(f"block_size must be (block_q, block_k), got {block_size!r}")
         check_block_sizes(*block_size)
+    _check_text_lens(text_lens, q, layout)
     pattern.validate(layout.grid)
     chosen, why = choose_impl(impl, q.device)
     if not torch.compiler.is_compiling():
@@ -163,7 +188,8 @@ def attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if chosen == "reference":
         mask_mod = None if pattern.is_dense else pattern.mask_mod(layout, q.device)
-        out, lse = masked_attention_reference(q, k, v, mask_mod, scale=scale)
+        padding = None if text_lens is None else text_key_padding(text_lens, layout)
+        out, lse = masked_attention_reference(q, k, v, mask_mod, scale=scale, key_padding=padding)
     else:
-        out, lse = _attention_triton(q, k, v, pattern, layout, scale, block_size)
+        out, lse = _attention_triton(q, k, v, pattern, layout, scale, block_size, text_lens)
     return (out, lse) if return_lse else out

@@ -22,6 +22,7 @@ def masked_attention_reference(
     scale: float | None = None,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     compute_dtype: torch.dtype | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention restricted by ``mask_mod``.
 
@@ -31,6 +32,7 @@ def masked_attention_reference(
         scale: softmax scale, default ``D ** -0.5``.
         max_elements: bound on ``chunk * S_k * B * H`` score elements held at once.
         compute_dtype: float32 by default (float64 when the inputs are float64).
+        key_padding: optional ``bool [B, S_k]``, False for keys no query may attend.
 
     Returns:
         ``out [B, S, H, D]`` in q's dtype and ``lse [B, S, H]`` float32 (natural log).
@@ -55,6 +57,8 @@ def masked_attention_reference(
             q_idx = torch.arange(start, stop, device=q.device)
             allowed = mask_mod(q_idx[:, None], kv_idx[None, :])  # [C, Sk]
             scores.masked_fill_(~allowed, float("-inf"))
+        if key_padding is not None:
+            scores.masked_fill_(~key_padding[:, None, None, :], float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, H, C, 1]
         finite = torch.isfinite(row_lse)
         probs = torch.exp(scores - torch.where(finite, row_lse, torch.zeros_like(row_lse)))

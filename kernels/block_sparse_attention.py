@@ -7,6 +7,9 @@ One program computes one query block of one (batch, head). Query blocks come in 
   block (dense);
 - text query blocks (and every block of a Dense pattern) visit all keys of the sequence.
 
+Text keys may be padded per batch row (HunyuanVideo): with ``HAS_TEXT_LENS`` only the first
+``TextLens[b]`` text tokens are attended; the padding is a suffix of the text segment.
+
 Online softmax in base 2 with a running max; returns ``out`` and the natural-log ``lse``.
 Tensors are ``[B, S, H, D]`` with a unit stride on D.
 """
@@ -105,7 +108,7 @@ def _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, lo, hi,
 @triton.jit
 def block_sparse_attn_fwd_kernel(
     Q, K, V, Out, Lse,
-    FullNum, FullIdx, PartNum, PartIdx, Coords,
+    FullNum, FullIdx, PartNum, PartIdx, Coords, TextLens,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -115,12 +118,12 @@ def block_sparse_attn_fwd_kernel(
     stride_fib, stride_fih, stride_fim,
     stride_pnb, stride_pnh, stride_pnm,
     stride_pib, stride_pih, stride_pim,
-    num_heads, seq_len, vis_start, n_vis, text_start, text_len, n_vis_q_blocks,
+    num_heads, seq_len, vis_start, n_vis, dense_start, dense_len, text_start, text_len, n_vis_q_blocks,
     grid_h, grid_w,
     n_f, k_f, s_f, r_f, n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w,
     qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, DILATED: tl.constexpr, PACKED_COORDS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, DILATED: tl.constexpr, PACKED_COORDS: tl.constexpr, HAS_TEXT_LENS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -134,8 +137,8 @@ def block_sparse_attn_fwd_kernel(
         rows = vis_start + q_loc
     else:
         t_loc = (pid_m - n_vis_q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_valid = t_loc < text_len
-        rows = text_start + t_loc
+        row_valid = t_loc < dense_len
+        rows = dense_start + t_loc
         q_loc = t_loc
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -146,6 +149,12 @@ def block_sparse_attn_fwd_kernel(
         q = q.to(tl.float32)
     k_ptrs = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_d[:, None]  # [BD, 1]
     v_ptrs = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_d[None, :]  # [1, BD]
+
+    text_end = text_start + text_len  # text keys past text_stop are padding of this batch row
+    if HAS_TEXT_LENS:
+        text_stop = text_start + tl.minimum(tl.load(TextLens + b), text_len)
+    else:
+        text_stop = text_end
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -187,7 +196,14 @@ def block_sparse_attn_fwd_kernel(
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, vis_start + start, key_mask, seq_len,
                                           stride_ks, stride_vs, qk_scale,
                                           HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
-        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_start, text_start + text_len,
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_start, text_stop,
+                                      stride_ks, stride_vs, qk_scale,
+                                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+    elif HAS_TEXT_LENS:  # all keys but the padding [text_stop, text_end)
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, 0, text_stop,
+                                      stride_ks, stride_vs, qk_scale,
+                                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_end, seq_len,
                                       stride_ks, stride_vs, qk_scale,
                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
     else:

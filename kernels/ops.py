@@ -73,6 +73,7 @@ def block_sparse_attention(
     scale: float,
     block_q: int,
     block_k: int,
+    text_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward.
 
@@ -86,6 +87,8 @@ def block_sparse_attention(
         mask_kind: 0 bounds only, 1 neighborhood window.
         scale: softmax scale.
         block_q, block_k: the layout's block sizes.
+        text_lens: optional ``int32 [B]``: attended text tokens per batch row (the rest of the
+            text segment is padding, masked for every query).
 
     Returns:
         ``out [B, S, H, D]`` (q's dtype) and ``lse [B, S, H]`` float32.
@@ -103,9 +106,12 @@ def block_sparse_attention(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, seq_len, heads), dtype=torch.float32, device=q.device)
     n_vis_q_blocks = triton.cdiv(n_vis, block_q) if n_vis else 0
-    if n_vis == 0:
-        text_start, text_len = 0, seq_len
-    grid = (n_vis_q_blocks + triton.cdiv(text_len, block_q), batch * heads)
+    dense_start, dense_len = (0, seq_len) if n_vis == 0 else (text_start, text_len)  # rows attending everything
+    if text_lens is not None:
+        if text_lens.shape != (batch,) or text_lens.device != q.device:
+            raise ValueError(f"text_lens must be [B={batch}] on {q.device}, got {tuple(text_lens.shape)} on {text_lens.device}")
+        text_lens = text_lens.to(torch.int32)
+    grid = (n_vis_q_blocks + triton.cdiv(dense_len, block_q), batch * heads)
 
     def bstride(t: torch.Tensor, dim: int, size: int) -> int:
         return 0 if t.shape[dim] == 1 and size != 1 else t.stride(dim)
@@ -118,6 +124,7 @@ def block_sparse_attention(
     block_sparse_attn_fwd_kernel[grid](
         q, k, v, out, lse,
         full_num, full_idx, part_num, part_idx, full_num if coords is None else coords,
+        full_num if text_lens is None else text_lens,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -127,7 +134,7 @@ def block_sparse_attention(
         bstride(full_idx, 0, batch), bstride(full_idx, 1, heads), full_idx.stride(2),
         bstride(part_num, 0, batch), bstride(part_num, 1, heads), part_num.stride(2),
         bstride(part_idx, 0, batch), bstride(part_idx, 1, heads), part_idx.stride(2),
-        heads, seq_len, vis_start, n_vis, text_start, text_len, n_vis_q_blocks,
+        heads, seq_len, vis_start, n_vis, dense_start, dense_len, text_start, text_len, n_vis_q_blocks,
         grid_h, grid_w,
         *window,
         scale * LOG2E,
@@ -138,6 +145,7 @@ def block_sparse_attention(
         MASK_KIND=mask_kind,
         DILATED=mask_kind == 1 and any(r != 1 for r in window[3::4]),
         PACKED_COORDS=coords is not None,
+        HAS_TEXT_LENS=text_lens is not None,
         UPCAST=upcast,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **config,
@@ -146,6 +154,6 @@ def block_sparse_attention(
 
 
 @block_sparse_attention.register_fake
-def _(q, k, v, full_num, full_idx, part_num, part_idx, geometry, window, mask_kind, scale, block_q, block_k):
+def _(q, k, v, full_num, full_idx, part_num, part_idx, geometry, window, mask_kind, scale, block_q, block_k, text_lens=None):
     batch, seq_len, heads, _ = q.shape
     return torch.empty_like(q), q.new_empty((batch, seq_len, heads), dtype=torch.float32)

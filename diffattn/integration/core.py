@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,10 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from ..attention import attention
 from ..patterns.base import Pattern
+from ..tokens import TokenLayout
 from .state import GenerationState
+
+logger = logging.getLogger("diffattn")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,26 @@ class Schedule:
         return False
 
 
+def text_lens_from_mask(mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor | None:
+    """A diffusers key-padding mask (bool ``[B, 1, 1, S]`` or ``[B, S]``, True = attend) as the
+    number of real text tokens per batch row, or None when the mask is not "every visual token,
+    then a prefix of the text segment" (it then cannot run sparse)."""
+    if mask.dtype != torch.bool:
+        return None
+    if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
+        mask = mask[:, 0, 0]
+    if mask.dim() != 2 or mask.shape[1] != layout.seq_len:
+        return None
+    text = mask[:, layout.text_start : layout.text_start + layout.text_len]
+    lens = text.sum(1, dtype=torch.int32)
+    if not torch.compiler.is_compiling():
+        visual = mask[:, layout.visual_start : layout.visual_start + layout.num_visual]
+        prefix = torch.arange(layout.text_len, device=mask.device)[None, :] < lens[:, None]
+        if not bool(visual.all()) or not torch.equal(text, prefix):
+            return None
+    return lens
+
+
 class SparseAttentionCore:
     """Attention of one transformer block's self-attention under a pattern and a schedule.
 
@@ -54,6 +78,7 @@ class SparseAttentionCore:
         self.layer = layer
         self.state = state
         self.impl = impl
+        self._warned_mask = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend=None, parallel_config=None,
                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,4 +92,13 @@ class SparseAttentionCore:
                 f"diffattn: the transformer call's token layout {layout} has {layout.seq_len} tokens but "
                 f"attention received {q.shape[1]}"
             )
-        return attention(q, k, v, self.pattern, layout=layout, impl=self.impl)
+        text_lens = None
+        if attn_mask is not None:
+            text_lens = text_lens_from_mask(attn_mask, layout)
+            if text_lens is None:
+                if not self._warned_mask:
+                    logger.warning("diffattn: an attention mask that is not text padding; this call runs dense")
+                    self._warned_mask = True
+                return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
+                                             backend=backend, parallel_config=parallel_config)
+        return attention(q, k, v, self.pattern, layout=layout, impl=self.impl, text_lens=text_lens)
