@@ -15,7 +15,7 @@ from .tokens import TokenLayout
 
 __version__ = "0.1.0"
 
-_LAZY = {"apply": "integration", "remove": "integration", "SparseHandle": "integration", "Schedule": "integration"}
+_LAZY = {name: "integration" for name in ("apply", "remove", "sparse_processors", "SparseHandle", "Schedule")}
 
 
 def __getattr__(name):
@@ -32,6 +32,7 @@ __all__ = [
     "SparseHandle",
     "apply",
     "remove",
+    "sparse_processors",
     "Dense",
     "Pattern",
     "Radial",

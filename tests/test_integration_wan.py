@@ -115,3 +115,29 @@ def test_resolution_change_between_calls(model):
         out = model(torch.randn(shape), torch.tensor([500]), enc).sample
         assert out.shape == shape and torch.isfinite(out).all()
     diffattn.remove(model)
+
+
+@torch.no_grad()
+def test_sparse_processors_for_set_attn_processor(model, inputs):
+    base = run(model, inputs)
+    diffattn.apply(model, SlidingWindow((1, 3, 3)))
+    want = run(model, inputs)
+    diffattn.remove(model)
+    model.set_attn_processor(diffattn.sparse_processors(model, SlidingWindow((1, 3, 3))))
+    assert torch.equal(run(model, inputs), want)
+    diffattn.remove(model)
+    assert torch.equal(run(model, inputs), base)
+
+
+@torch.no_grad()
+def test_composes_with_first_block_cache(model, inputs):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    diffattn.apply(model, SlidingWindow((1, 3, 3)))
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    x, t, enc = inputs
+    with model.cache_context("cond"):
+        outs = [model(x, torch.tensor([s]), enc).sample for s in (900, 800, 700)]
+    model.disable_cache()
+    diffattn.remove(model)
+    assert all(torch.isfinite(o).all() for o in outs)

@@ -1,7 +1,7 @@
 """diffusers integration: processors per model family, generation state, apply / remove."""
 
-from .apply import SparseHandle, apply, remove
+from .apply import SparseHandle, apply, remove, sparse_processors
 from .core import Schedule, SparseAttentionCore
 from .state import GenerationState, GenerationStateHook
 
-__all__ = ["GenerationState", "GenerationStateHook", "Schedule", "SparseAttentionCore", "SparseHandle", "apply", "remove"]
+__all__ = ["GenerationState", "GenerationStateHook", "Schedule", "SparseAttentionCore", "SparseHandle", "apply", "remove", "sparse_processors"]

@@ -90,37 +90,68 @@ def apply(target, pattern: Pattern, *, dense_steps: int = 0, dense_layers: int =
     SparseHandle(family=wan, pattern=SlidingWindow(window=(3, 5, 5), stride=1, dilation=1), dense_steps=0, dense_layers=1, dense_last_steps=0, impl='auto'; transformer: 2 self-attention processors)
     >>> diffattn.remove(model)
     """
+    schedule = _check(pattern, impl, cache, dense_steps, dense_layers, dense_last_steps)
+    transformers, scheduler = _transformers(target)
+    adapters = {name: _adapter_for(t) for name, t in transformers.items()}
+    replaced, states = {}, {}
+    for attr, transformer in transformers.items():
+        processors, names, state = _install_state(transformer, adapters[attr], pattern, schedule, impl, scheduler)
+        transformer.set_attn_processor(processors)
+        replaced[attr], states[attr] = names, state
+    family = next(iter(adapters.values())).name
+    return SparseHandle(family, pattern, schedule, impl, replaced, states)
+
+
+def sparse_processors(transformer: torch.nn.Module, pattern: Pattern, *, dense_steps: int = 0, dense_layers: int = 0,
+                      dense_last_steps: int = 0, impl: str = "auto", scheduler=None) -> dict:
+    """Processors for ``transformer.set_attn_processor(...)``, for code that installs processors
+    itself.
+
+    The generation-state hook the processors read (token grid, step index) is registered on
+    ``transformer`` here; pass the pipeline's ``scheduler`` so steps come from its timesteps
+    (otherwise they are counted from timestep changes). ``diffattn.remove(transformer)`` undoes
+    both.
+
+    >>> import diffattn
+    >>> from diffusers import WanTransformer3DModel
+    >>> model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+    ...                               out_channels=4, text_dim=8, freq_dim=8, ffn_dim=16, num_layers=2)
+    >>> model.set_attn_processor(diffattn.sparse_processors(model, diffattn.Radial(0.2)))
+    >>> diffattn.remove(model)
+    """
+    schedule = _check(pattern, impl, None, dense_steps, dense_layers, dense_last_steps)
+    processors, _, _ = _install_state(transformer, _adapter_for(transformer), pattern, schedule, impl, scheduler)
+    return processors
+
+
+def _check(pattern, impl, cache, dense_steps, dense_layers, dense_last_steps) -> Schedule:
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a diffattn pattern (Dense, SlidingWindow, Radial, ...), got {type(pattern).__name__}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if cache is not None:
         raise NotImplementedError("cache= (the cross-step attention cache) is not available yet; pass cache=None")
-    schedule = Schedule(dense_steps, dense_layers, dense_last_steps)
-    transformers, scheduler = _transformers(target)
-    adapters = {name: _adapter_for(t) for name, t in transformers.items()}
-    for transformer in transformers.values():
-        if _installed_hook(transformer) is not None:
-            _remove_one(transformer)
-    replaced, states = {}, {}
-    for attr, transformer in transformers.items():
-        adapter = adapters[attr]
-        state = GenerationState()
-        original = dict(transformer.attn_processors)
-        processors = dict(original)
-        names = adapter.sparse_processor_names(transformer)
-        for layer, name in enumerate(names):
-            proc = adapter.processor_class(SparseAttentionCore(pattern, schedule, layer, state, impl))
-            proc._attention_backend = getattr(original[name], "_attention_backend", None)
-            proc._parallel_config = getattr(original[name], "_parallel_config", None)
-            processors[name] = proc
-        transformer.set_attn_processor(processors)
-        hook = GenerationStateHook(adapter, state, scheduler)
-        hook.original_processors = original
-        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK_NAME)
-        replaced[attr], states[attr] = names, state
-    family = next(iter(adapters.values())).name
-    return SparseHandle(family, pattern, schedule, impl, replaced, states)
+    return Schedule(dense_steps, dense_layers, dense_last_steps)
+
+
+def _install_state(transformer, adapter, pattern, schedule, impl, scheduler):
+    """Register the generation-state hook (replacing an earlier installation) and build the
+    processor dict: diffusers' processors with the sparse targets swapped in."""
+    if _installed_hook(transformer) is not None:
+        _remove_one(transformer)
+    state = GenerationState()
+    original = dict(transformer.attn_processors)
+    processors = dict(original)
+    names = adapter.sparse_processor_names(transformer)
+    for layer, name in enumerate(names):
+        proc = adapter.processor_class(SparseAttentionCore(pattern, schedule, layer, state, impl))
+        proc._attention_backend = getattr(original[name], "_attention_backend", None)
+        proc._parallel_config = getattr(original[name], "_parallel_config", None)
+        processors[name] = proc
+    hook = GenerationStateHook(adapter, state, scheduler)
+    hook.original_processors = original
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK_NAME)
+    return processors, names, state
 
 
 def _remove_one(transformer: torch.nn.Module) -> None:
