@@ -20,8 +20,8 @@ class TokenLayout:
             Visual tokens are in raster order: frame-major, then row, then column.
         text_len: number of text tokens in the same sequence (0 when self-attention sees
             no text, as in Wan). Default 0.
-        text_first: text sits before the grid (Flux, SD3, CogVideoX) when True, after it
-            (HunyuanVideo) when False. Default True.
+        text_first: text sits before the grid (Flux, CogVideoX) when True, after it
+            (HunyuanVideo, SD3) when False. Default True.
 
     Text tokens are attended densely in both directions by every pattern.
 

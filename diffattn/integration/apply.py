@@ -33,7 +33,7 @@ class SparseHandle:
     states: dict[str, GenerationState] = field(repr=False)
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{name}: {len(procs)} self-attention processors" for name, procs in self.replaced.items())
+        parts = ", ".join(f"{name}: {len(procs)} sparse attention processors" for name, procs in self.replaced.items())
         return (f"SparseHandle(family={self.family}, pattern={self.pattern}, dense_steps={self.schedule.dense_steps}, "
                 f"dense_layers={self.schedule.dense_layers}, dense_last_steps={self.schedule.dense_last_steps}, "
                 f"impl={self.impl!r}; {parts})")
@@ -87,7 +87,7 @@ def apply(target, pattern: Pattern, *, dense_steps: int = 0, dense_layers: int =
     >>> model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
     ...                               out_channels=4, text_dim=8, freq_dim=8, ffn_dim=16, num_layers=2)
     >>> diffattn.apply(model, diffattn.SlidingWindow((3, 5, 5)), dense_layers=1)
-    SparseHandle(family=wan, pattern=SlidingWindow(window=(3, 5, 5), stride=1, dilation=1), dense_steps=0, dense_layers=1, dense_last_steps=0, impl='auto'; transformer: 2 self-attention processors)
+    SparseHandle(family=wan, pattern=SlidingWindow(window=(3, 5, 5), stride=1, dilation=1), dense_steps=0, dense_layers=1, dense_last_steps=0, impl='auto'; transformer: 2 sparse attention processors)
     >>> diffattn.remove(model)
     """
     schedule = _check(pattern, impl, cache, dense_steps, dense_layers, dense_last_steps)
@@ -143,7 +143,8 @@ def _install_state(transformer, adapter, pattern, schedule, impl, scheduler):
     original = dict(transformer.attn_processors)
     processors = dict(original)
     names = adapter.sparse_processor_names(transformer)
-    for layer, name in enumerate(names):
+    layers = adapter.processor_layers(transformer) if hasattr(adapter, "processor_layers") else range(len(names))
+    for layer, name in zip(layers, names):
         proc = adapter.processor_class(SparseAttentionCore(pattern, schedule, layer, state, impl))
         proc._attention_backend = getattr(original[name], "_attention_backend", None)
         proc._parallel_config = getattr(original[name], "_parallel_config", None)

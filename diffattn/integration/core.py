@@ -81,12 +81,23 @@ class SparseAttentionCore:
         self._warned_mask = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend=None, parallel_config=None,
-               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, S, H, D]`` in, ``[B, S, H, D]`` out."""
+               attn_mask: torch.Tensor | None = None, visual_only: bool = False) -> torch.Tensor:
+        """``[B, S, H, D]`` in, ``[B, S, H, D]`` out.
+
+        ``visual_only``: this attention sees the visual tokens alone (e.g. SD3.5's image-only
+        ``attn2``), not the text of the transformer call's layout.
+        """
         layout = self.state.layout
+        if visual_only and layout is not None:
+            layout = TokenLayout(layout.grid)
         if layout is None or self.pattern.is_dense or self.schedule.is_dense(self.state, self.layer):
             return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
                                          backend=backend, parallel_config=parallel_config)
+        if parallel_config is not None:
+            raise NotImplementedError(
+                "diffattn's sparse attention does not run under diffusers' context parallelism yet; "
+                "disable parallelism or diffattn.remove() the sparse processors"
+            )
         if layout.seq_len != q.shape[1]:
             raise RuntimeError(
                 f"diffattn: the transformer call's token layout {layout} has {layout.seq_len} tokens but "

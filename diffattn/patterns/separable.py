@@ -49,20 +49,37 @@ def _prefix_boxes(x: torch.Tensor, grid3: tuple[int, int, int]) -> torch.Tensor:
     return boxes
 
 
+def _interval_ids(boxes: torch.Tensor, n: int) -> torch.Tensor:
+    """Intervals ``(lo, hi)`` with ``0 <= lo <= hi <= n`` as ids ``lo * (n + 1) + hi``."""
+    return boxes[..., 0] * (n + 1) + boxes[..., 1]
+
+
+def _interval_counts(table: torch.Tensor, ids_q: torch.Tensor, ids_k: torch.Tensor) -> torch.Tensor:
+    """Attended pairs between every query interval in ``ids_q`` and key interval in ``ids_k`` on
+    one axis, ``int64 [len(ids_q), len(ids_k)]`` (four lookups in the prefix table)."""
+    n1 = table.shape[0]
+    ql, qh = ids_q // n1, ids_q % n1
+    kl, kh = ids_k // n1, ids_k % n1
+    return (table[qh[:, None], kh[None, :]] - table[ql[:, None], kh[None, :]]
+            - table[qh[:, None], kl[None, :]] + table[ql[:, None], kl[None, :]])
+
+
 def _prefix_counts(
     tables: list[torch.Tensor], qbox: torch.Tensor, kbox: torch.Tensor
 ) -> torch.Tensor:
-    """``C[i, j]`` = attended pairs with query < x_i and key < y_j, ``int64 [NX, NY]``."""
+    """``C[i, j]`` = attended pairs with query < x_i and key < y_j, ``int64 [NX, NY]``.
+
+    Box intervals take few distinct values per axis, so the per-axis counts are computed once
+    per distinct (query interval, key interval) pair and gathered.
+    """
     total = None
     for axis, table in enumerate(tables):
-        stride = table.shape[1]
-        flat = table.reshape(-1)
-        ql = qbox[:, :, axis, 0][:, :, None, None] * stride
-        qh = qbox[:, :, axis, 1][:, :, None, None] * stride
-        kl = kbox[:, :, axis, 0][None, None, :, :]
-        kh = kbox[:, :, axis, 1][None, None, :, :]
-        s = flat[qh + kh] - flat[ql + kh] - flat[qh + kl] + flat[ql + kl]  # [NX, 3, NY, 3]
-        total = s if total is None else total * s
+        n = table.shape[0] - 1
+        uq, iq = torch.unique(_interval_ids(qbox[:, :, axis], n), return_inverse=True)  # iq: [NX, 3]
+        uk, ik = torch.unique(_interval_ids(kbox[:, :, axis], n), return_inverse=True)  # ik: [NY, 3]
+        counts = _interval_counts(table, uq, uk)
+        s = counts[iq[:, :, None, None], ik[None, None, :, :]]  # [NX, 3, NY, 3]
+        total = s if total is None else total.mul_(s)
     return total.sum(dim=(1, 3))
 
 

@@ -10,6 +10,8 @@ Each module here defines ``ADAPTER``: an object with
   default processor does, then calls ``core.attend``;
 - ``sparse_processor_names(transformer)``: the processor names to make sparse (the DiT's visual
   self-attention / joint attention), in execution order;
+- optionally ``processor_layers(transformer)``: the block index of each of those names, when
+  a block has several sparse attentions (``dense_layers`` counts blocks); default: one each;
 - ``token_layout(transformer, args, kwargs)``: the TokenLayout of a transformer call, from its
   inputs (latent shape and patch size, or position ids; text length and position);
 - ``timestep(args, kwargs)``: the call's timestep.
