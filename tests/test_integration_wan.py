@@ -141,3 +141,53 @@ def test_composes_with_first_block_cache(model, inputs):
     model.disable_cache()
     diffattn.remove(model)
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_real_shapes_on_meta():
+    with torch.device("meta"):
+        t2v = WanTransformer3DModel(num_layers=2)  # Wan2.1-14B layout, two blocks
+        i2v = WanTransformer3DModel(num_layers=2, image_dim=1280, added_kv_proj_dim=5120)  # Wan2.1-I2V layout
+    for model in (t2v, i2v):
+        handle = diffattn.apply(model, Radial(0.2), dense_layers=1)
+        assert handle.replaced["transformer"] == ["blocks.0.attn1.processor", "blocks.1.attn1.processor"]
+        diffattn.remove(model)
+
+
+@torch.no_grad()
+def test_i2v_image_context_branch_untouched():
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=8,
+                                  out_channels=4, text_dim=8, freq_dim=8, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+                                  image_dim=12, added_kv_proj_dim=32).eval()
+    x, t = torch.randn(1, 8, 3, 8, 10), torch.tensor([500])
+    enc, img = torch.randn(1, 512, 8), torch.randn(1, 4, 12)
+    base = model(x, t, enc, encoder_hidden_states_image=img).sample
+    diffattn.apply(model, SlidingWindow((3, 4, 5)))
+    torch.testing.assert_close(model(x, t, enc, encoder_hidden_states_image=img).sample, base, atol=1e-5, rtol=1e-5)
+    diffattn.apply(model, Dense())
+    assert torch.equal(model(x, t, enc, encoder_hidden_states_image=img).sample, base)
+    diffattn.remove(model)
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="kernel under the interpreter")
+@torch.no_grad()
+def test_block_compiles_without_graph_breaks(model, inputs):
+    """A transformer block with diffattn's processor compiles with fullgraph=True (kernel path)."""
+    import torch._dynamo
+
+    handle = diffattn.apply(model, SlidingWindow((1, 3, 3)), impl="triton")
+    run(model, inputs)  # eager: records the layout
+    state = handle.states["transformer"]
+    from diffattn.tokens import TokenLayout
+
+    state.layout = TokenLayout((3, 4, 5))
+    block = model.blocks[0]
+    hidden = torch.randn(1, 60, 32)
+    enc = torch.randn(1, 5, 32)
+    temb = torch.randn(1, 6, 32)
+    rope = model.rope(inputs[0])
+    eager = block(hidden, enc, temb, rope)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(hidden, enc, temb, rope)
+    diffattn.remove(model)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
