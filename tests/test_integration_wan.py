@@ -129,15 +129,26 @@ def test_sparse_processors_for_set_attn_processor(model, inputs):
     assert torch.equal(run(model, inputs), base)
 
 
-@torch.no_grad()
-def test_composes_with_first_block_cache(model, inputs):
-    from diffusers.hooks import FirstBlockCacheConfig
+def _cache_configs():
+    from diffusers.hooks import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
 
+    return {
+        "first_block": FirstBlockCacheConfig(threshold=0.05),
+        "pyramid_attention_broadcast": PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 950),
+            current_timestep_callback=lambda: 500),
+        "taylorseer": TaylorSeerCacheConfig(),
+    }
+
+
+@pytest.mark.parametrize("cache", ["first_block", "pyramid_attention_broadcast", "taylorseer"])
+@torch.no_grad()
+def test_composes_with_diffusers_caches(model, inputs, cache):
     diffattn.apply(model, SlidingWindow((1, 3, 3)))
-    model.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    model.enable_cache(_cache_configs()[cache])
     x, t, enc = inputs
     with model.cache_context("cond"):
-        outs = [model(x, torch.tensor([s]), enc).sample for s in (900, 800, 700)]
+        outs = [model(x, torch.tensor([s]), enc).sample for s in (900, 800, 700, 600)]
     model.disable_cache()
     diffattn.remove(model)
     assert all(torch.isfinite(o).all() for o in outs)
