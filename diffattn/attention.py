@@ -7,8 +7,9 @@ import os
 
 import torch
 
-from .block_layout import check_block_sizes, layout_tensors
-from .patterns.base import Pattern, as_grid3
+from .block_layout import BlockLayout, check_block_sizes, layout_tensors
+from .patterns.base import Pattern, as_grid3, sequence_mask_mod
+from .patterns.topk import selected_classes, selected_mask_mod
 from .reference import masked_attention_reference
 from .tokens import TokenLayout
 
@@ -112,6 +113,12 @@ def text_key_padding(text_lens: torch.Tensor, layout: TokenLayout) -> torch.Tens
     return ~padded
 
 
+def _select(pattern: Pattern, q, k, layout: TokenLayout, scale: float) -> torch.Tensor:
+    """A dynamic pattern's kept blocks ``bool [B, H, NQ, NK]`` over the visual tokens."""
+    vs, nv = layout.visual_start, layout.num_visual
+    return pattern.select(q[:, vs : vs + nv], k[:, vs : vs + nv], scale)
+
+
 def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: float, block_size, text_lens) -> tuple:
     from .kernels import block_sparse_attention, kernel_block_size
 
@@ -125,6 +132,13 @@ def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: flo
         empty_idx = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=q.device)
         tensors = (empty, empty_idx, empty, empty_idx)
         geometry = [0, 0, layout.text_start, layout.text_len, grid_h, grid_w]  # n_vis == 0: every row dense
+        mask_kind, params = 0, ()
+    elif not pattern.static:
+        keep = _select(pattern, q, k, layout, scale)
+        classes = selected_classes(keep, pattern.block, block_q, block_k, layout.num_visual)
+        blocks = BlockLayout.from_classes(classes, block_q, block_k, layout.num_visual)
+        tensors = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
+        geometry = [layout.visual_start, layout.num_visual, layout.text_start, layout.text_len, grid_h, grid_w]
         mask_kind, params = 0, ()
     else:
         tensors = layout_tensors(pattern.spec(), layout.grid, block_q, block_k, str(q.device))
@@ -187,7 +201,12 @@ def attention(
         logger.debug("diffattn.attention: %s (%s)", chosen, why)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if chosen == "reference":
-        mask_mod = None if pattern.is_dense else pattern.mask_mod(layout, q.device)
+        if pattern.is_dense:
+            mask_mod = None
+        elif not pattern.static:
+            mask_mod = sequence_mask_mod(selected_mask_mod(_select(pattern, q, k, layout, scale), pattern.block), layout)
+        else:
+            mask_mod = pattern.mask_mod(layout, q.device)
         padding = None if text_lens is None else text_key_padding(text_lens, layout)
         out, lse = masked_attention_reference(q, k, v, mask_mod, scale=scale, key_padding=padding)
     else:

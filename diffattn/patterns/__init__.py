@@ -4,6 +4,7 @@ from .base import EMPTY, FULL, PARTIAL, MaskMod, Pattern
 from .dense import Dense
 from .radial import Radial
 from .spec import parse_pattern
+from .topk import BlockTopK
 from .window import AxisWindow, SlidingWindow
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "FULL",
     "PARTIAL",
     "AxisWindow",
+    "BlockTopK",
     "Dense",
     "MaskMod",
     "Pattern",

@@ -81,17 +81,7 @@ class Pattern:
         True
         """
         self.validate(layout.grid)
-        visual = self.visual_mask_mod(layout.grid, device)
-        vs, nv = layout.visual_start, layout.num_visual
-
-        def mask(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-            qv, kv = q_idx - vs, kv_idx - vs
-            q_vis = (qv >= 0) & (qv < nv)
-            k_vis = (kv >= 0) & (kv < nv)
-            inside = visual(qv.clamp(0, nv - 1), kv.clamp(0, nv - 1))
-            return torch.where(q_vis & k_vis, inside, torch.ones_like(inside))
-
-        return mask
+        return sequence_mask_mod(self.visual_mask_mod(layout.grid, device), layout)
 
     def density(self, layout: TokenLayout) -> float:
         """Fraction of the S x S (query, key) pairs this pattern attends, text included."""
@@ -101,11 +91,26 @@ class Pattern:
         return pairs / layout.seq_len**2
 
 
+def sequence_mask_mod(visual: MaskMod, layout: TokenLayout) -> MaskMod:
+    """A mask on visual indices extended to the whole sequence: text is attended densely in
+    both directions. The visual mask may return extra leading (batch, head) dims."""
+    vs, nv = layout.visual_start, layout.num_visual
+
+    def mask(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        qv, kv = q_idx - vs, kv_idx - vs
+        q_vis = (qv >= 0) & (qv < nv)
+        k_vis = (kv >= 0) & (kv < nv)
+        inside = visual(qv.clamp(0, nv - 1), kv.clamp(0, nv - 1))
+        return torch.where(q_vis & k_vis, inside, torch.ones_like(inside))
+
+    return mask
+
+
 def pattern_from_spec(spec: tuple) -> "Pattern":
     """Inverse of ``Pattern.spec``."""
-    from . import Dense, Radial, SlidingWindow
+    from . import BlockTopK, Dense, Radial, SlidingWindow
 
-    classes = {cls.__name__: cls for cls in (Dense, Radial, SlidingWindow)}
+    classes = {cls.__name__: cls for cls in (BlockTopK, Dense, Radial, SlidingWindow)}
     return classes[spec[0]](*spec[1:])
 
 

@@ -5,16 +5,18 @@ Grammar: ``NAME[:ARG][,KEY=VALUE...]``.
 - ``dense``
 - ``window:3x9x9`` / ``window:*x9x9,stride=1x2x2,dilation=1`` (``*`` = whole axis)
 - ``radial:0.2`` / ``radial:decay=0.95,sink=false``
+- ``topk:0.25`` / ``topk:cdf=0.9,block=64,similarity=0.3`` (BlockTopK)
 """
 
 from __future__ import annotations
 
 from .base import Pattern
 from .dense import Dense
+from .topk import BlockTopK
 from .radial import Radial
 from .window import SlidingWindow
 
-PATTERN_NAMES = ("dense", "window", "radial")
+PATTERN_NAMES = ("dense", "window", "radial", "topk")
 
 
 def _sizes(text: str, key: str):
@@ -95,4 +97,19 @@ def parse_pattern(spec: str) -> Pattern:
         if "decay" not in kwargs:
             raise ValueError("pattern 'radial' needs a decay, e.g. 'radial:0.2'")
         return Radial(**kwargs)
+    if name == "topk":
+        allowed = {"density", "cdf", "block", "keep_diagonal", "keep_sink", "similarity"}
+        kwargs = {}
+        if positional:
+            kwargs["density"] = _float(positional[0], "density")
+        for key, value in options.items():
+            if key not in allowed:
+                raise ValueError(f"pattern 'topk' has no option {key!r}; allowed: {sorted(allowed)}")
+            if key in ("keep_diagonal", "keep_sink"):
+                kwargs[key] = _bool(value, key)
+            elif key == "block":
+                kwargs[key] = int(_float(value, key))
+            else:
+                kwargs[key] = _float(value, key)
+        return BlockTopK(**kwargs)
     raise ValueError(f"unknown pattern {name!r}; allowed: {', '.join(PATTERN_NAMES)}")
