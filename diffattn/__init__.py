@@ -9,7 +9,7 @@ torch.Size([1, 256, 2, 64])
 
 from .attention import attention, choose_impl
 from .block_layout import BlockLayout, build_block_layout
-from .patterns import BlockTopK, Dense, Pattern, Radial, SlidingWindow, parse_pattern
+from .patterns import BlockTopK, Dense, Pattern, Piecewise, Radial, SlidingWindow, parse_pattern
 from .reference import masked_attention_reference
 from .tokens import TokenLayout
 
@@ -36,6 +36,7 @@ __all__ = [
     "sparse_processors",
     "Dense",
     "Pattern",
+    "Piecewise",
     "Radial",
     "SlidingWindow",
     "TokenLayout",

@@ -9,6 +9,7 @@ import torch
 
 from .block_layout import BlockLayout, check_block_sizes, layout_tensors
 from .patterns.base import Pattern, as_grid3, sequence_mask_mod
+from .patterns.piecewise import Piecewise, block_statistics, piecewise_attention_reference, pooled_first_order
 from .patterns.topk import selected_classes, selected_mask_mod
 from .reference import masked_attention_reference
 from .tokens import TokenLayout
@@ -148,6 +149,31 @@ def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: flo
     return block_sparse_attention(q, k, v, *tensors, geometry, window, mask_kind, scale, block_q, block_k, text_lens)
 
 
+def _piecewise_triton(q, k, v, pattern: Piecewise, layout: TokenLayout, scale: float) -> tuple:
+    from .kernels import piecewise_attention
+
+    vs, nv, blk = layout.visual_start, layout.num_visual, pattern.block
+    q_vis, k_vis, v_vis = q[:, vs : vs + nv], k[:, vs : vs + nv], v[:, vs : vs + nv]
+    keep = pattern.select(q_vis, k_vis, scale)
+    blocks = BlockLayout.from_classes(selected_classes(keep, blk, blk, blk, nv), blk, blk, nv)
+    first_order = pattern.first_order if pattern.order == 1 else None
+    stats = block_statistics(k_vis, v_vis, blk, first_order, pattern.rank)
+    dummy = torch.zeros(1, device=q.device)
+    h_mat, h_norm, norm, kind = dummy, dummy, 1.0, 0
+    if first_order == "pooled":
+        h_mat, h_norm = pooled_first_order(q_vis, keep, stats, blk, scale)
+        kind = 1
+    elif first_order == "shared":
+        h_mat, norm, kind = stats["h_sum"][:, :, None], float(nv), 2
+    elif first_order is not None:
+        raise ValueError(f"Piecewise first_order={first_order!r} has no kernel yet; use impl='reference' "
+                         "or first_order='pooled' / 'shared'")
+    return piecewise_attention(
+        q, k, v, blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx, keep.to(torch.int8),
+        stats["k_mean"], stats["v_sum"], stats["size"], h_mat, h_norm,
+        [vs, nv, layout.text_start, layout.text_len], scale, blk, kind, norm)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -200,7 +226,14 @@ def attention(
     if not torch.compiler.is_compiling():
         logger.debug("diffattn.attention: %s (%s)", chosen, why)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if chosen == "reference":
+    if isinstance(pattern, Piecewise):
+        if text_lens is not None:
+            raise ValueError("text_lens (text padding) is not supported with Piecewise yet")
+        if chosen == "reference":
+            out, lse = piecewise_attention_reference(q, k, v, pattern, layout, scale=scale)
+        else:
+            out, lse = _piecewise_triton(q, k, v, pattern, layout, scale)
+    elif chosen == "reference":
         if pattern.is_dense:
             mask_mod = None
         elif not pattern.static:

@@ -4,6 +4,6 @@ Importing this package imports ``triton``; the rest of diffattn imports it only 
 kernel is launched.
 """
 
-from .ops import MAX_HEAD_DIM, block_sparse_attention, interpreting, kernel_block_size, launch_config
+from .ops import MAX_HEAD_DIM, block_sparse_attention, interpreting, kernel_block_size, launch_config, piecewise_attention
 
-__all__ = ["MAX_HEAD_DIM", "block_sparse_attention", "interpreting", "kernel_block_size", "launch_config"]
+__all__ = ["MAX_HEAD_DIM", "block_sparse_attention", "interpreting", "kernel_block_size", "launch_config", "piecewise_attention"]

@@ -13,6 +13,7 @@ import torch
 import triton
 
 from .block_sparse_attention import LOG2E, block_sparse_attn_fwd_kernel
+from .piecewise_attention import grid_for, piecewise_attn_fwd_kernel
 
 MAX_HEAD_DIM = 256
 
@@ -155,5 +156,85 @@ def block_sparse_attention(
 
 @block_sparse_attention.register_fake
 def _(q, k, v, full_num, full_idx, part_num, part_idx, geometry, window, mask_kind, scale, block_q, block_k, text_lens=None):
+    batch, seq_len, heads, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, seq_len, heads), dtype=torch.float32)
+
+
+@torch.library.custom_op("diffattn::piecewise_attention", mutates_args=())
+def piecewise_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    full_num: torch.Tensor,
+    full_idx: torch.Tensor,
+    part_num: torch.Tensor,
+    part_idx: torch.Tensor,
+    keep: torch.Tensor,
+    k_mean: torch.Tensor,
+    v_sum: torch.Tensor,
+    size: torch.Tensor,
+    h_mat: torch.Tensor,
+    h_norm: torch.Tensor,
+    geometry: list[int],
+    scale: float,
+    block: int,
+    first_order: int,
+    first_order_norm: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Piecewise attention forward (see ``piecewise_attention.py``).
+
+    Args:
+        q, k, v: ``[B, S, H, D]``.
+        full_num .. part_idx: the critical blocks as a BlockLayout ``[B, H, NQ, *]`` at ``block``.
+        keep: ``int8 [B, H, NQ, NK]``, 1 for critical blocks.
+        k_mean, v_sum: ``float32 [B, H, NK, D]``; size: ``float32 [NK]``.
+        h_mat: ``float32 [B, H, NQ, D, D]`` (pooled), ``[B, H, 1, D, D]`` (shared) or unused.
+        h_norm: ``float32 [B, H, NQ]`` (pooled) or unused.
+        geometry: ``[vis_start, n_vis, text_start, text_len]``.
+        first_order: 0 none, 1 pooled, 2 shared (divided by ``first_order_norm``).
+    """
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    batch, seq_len, heads, head_dim = q.shape
+    vis_start, n_vis, text_start, text_len = geometry
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, seq_len, heads), dtype=torch.float32, device=q.device)
+    full_num, part_num, keep, k_mean, v_sum, h_mat, h_norm = (
+        t.contiguous() for t in (full_num, part_num, keep, k_mean, v_sum, h_mat, h_norm))
+    n_vis_q_blocks = triton.cdiv(n_vis, block)
+    grid = grid_for(n_vis_q_blocks, text_len, block, batch * heads)
+    h_stride_m = h_mat.stride(2) if h_mat.dim() == 5 else 0
+    piecewise_attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        full_num, full_idx, part_num, part_idx, keep, k_mean, v_sum, size, h_mat, h_norm,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        full_num.stride(0), full_num.stride(1),
+        full_idx.stride(0), full_idx.stride(1), full_idx.stride(2),
+        part_idx.stride(0), part_idx.stride(1), part_idx.stride(2),
+        keep.stride(0), keep.stride(1), keep.stride(2),
+        k_mean.stride(0), k_mean.stride(1),
+        h_mat.stride(0) if h_mat.dim() == 5 else 0, h_mat.stride(1) if h_mat.dim() == 5 else 0, h_stride_m,
+        h_norm.stride(0) if h_norm.dim() == 3 else 0, h_norm.stride(1) if h_norm.dim() == 3 else 0,
+        heads, seq_len, vis_start, n_vis, text_start, text_len, n_vis_q_blocks, keep.shape[-1],
+        scale * LOG2E, scale, first_order_norm,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block,
+        BLOCK_N=block,
+        BLOCK_J=64,
+        FIRST_ORDER=first_order,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **({} if interpreting() else {"num_warps": 4, "num_stages": 2}),
+    )
+    return out, lse
+
+
+@piecewise_attention.register_fake
+def _(q, k, v, full_num, full_idx, part_num, part_idx, keep, k_mean, v_sum, size, h_mat, h_norm, geometry, scale,
+      block, first_order, first_order_norm):
     batch, seq_len, heads, _ = q.shape
     return torch.empty_like(q), q.new_empty((batch, seq_len, heads), dtype=torch.float32)

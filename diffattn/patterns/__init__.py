@@ -3,6 +3,7 @@
 from .base import EMPTY, FULL, PARTIAL, MaskMod, Pattern
 from .dense import Dense
 from .radial import Radial
+from .piecewise import Piecewise
 from .spec import parse_pattern
 from .topk import BlockTopK
 from .window import AxisWindow, SlidingWindow
@@ -16,6 +17,7 @@ __all__ = [
     "Dense",
     "MaskMod",
     "Pattern",
+    "Piecewise",
     "Radial",
     "SlidingWindow",
     "parse_pattern",

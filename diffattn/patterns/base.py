@@ -108,9 +108,9 @@ def sequence_mask_mod(visual: MaskMod, layout: TokenLayout) -> MaskMod:
 
 def pattern_from_spec(spec: tuple) -> "Pattern":
     """Inverse of ``Pattern.spec``."""
-    from . import BlockTopK, Dense, Radial, SlidingWindow
+    from . import BlockTopK, Dense, Piecewise, Radial, SlidingWindow
 
-    classes = {cls.__name__: cls for cls in (BlockTopK, Dense, Radial, SlidingWindow)}
+    classes = {cls.__name__: cls for cls in (BlockTopK, Dense, Piecewise, Radial, SlidingWindow)}
     return classes[spec[0]](*spec[1:])
 
 

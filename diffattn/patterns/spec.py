@@ -6,17 +6,19 @@ Grammar: ``NAME[:ARG][,KEY=VALUE...]``.
 - ``window:3x9x9`` / ``window:*x9x9,stride=1x2x2,dilation=1`` (``*`` = whole axis)
 - ``radial:0.2`` / ``radial:decay=0.95,sink=false``
 - ``topk:0.25`` / ``topk:cdf=0.9,block=64,similarity=0.3`` (BlockTopK)
+- ``piecewise:0.25`` / ``piecewise:0.25,order=0`` / ``piecewise:0.25,first_order=shared`` (Piecewise)
 """
 
 from __future__ import annotations
 
 from .base import Pattern
 from .dense import Dense
+from .piecewise import Piecewise
 from .topk import BlockTopK
 from .radial import Radial
 from .window import SlidingWindow
 
-PATTERN_NAMES = ("dense", "window", "radial", "topk")
+PATTERN_NAMES = ("dense", "window", "radial", "topk", "piecewise")
 
 
 def _sizes(text: str, key: str):
@@ -112,4 +114,16 @@ def parse_pattern(spec: str) -> Pattern:
             else:
                 kwargs[key] = _float(value, key)
         return BlockTopK(**kwargs)
+    if name == "piecewise":
+        allowed = {"density", "block", "order", "first_order", "rank"}
+        kwargs = {}
+        if positional:
+            kwargs["density"] = _float(positional[0], "density")
+        for key, value in options.items():
+            if key not in allowed:
+                raise ValueError(f"pattern 'piecewise' has no option {key!r}; allowed: {sorted(allowed)}")
+            kwargs[key] = value if key == "first_order" else (_float(value, key) if key == "density" else int(_float(value, key)))
+        if "density" not in kwargs:
+            raise ValueError("pattern 'piecewise' needs a density, e.g. 'piecewise:0.25'")
+        return Piecewise(**kwargs)
     raise ValueError(f"unknown pattern {name!r}; allowed: {', '.join(PATTERN_NAMES)}")

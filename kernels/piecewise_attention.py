@@ -1,0 +1,179 @@
+"""Piecewise attention forward: critical key blocks exact, every other block approximated by
+its Taylor expansion around the block's mean key, in one pass with one running maximum.
+
+One program computes one query block (= one selection block) of one (batch, head):
+
+1. approximate part: for chunks of key blocks, ``a = exp(scale q . k̄_J)`` on the block means,
+   masked to the non-critical blocks of this query block; numerator ``a @ V_J``, approximate
+   denominator ``a @ |J|``;
+2. exact part: the critical blocks (the layout's full / partial lists, as in the block-sparse
+   kernel) and the text keys;
+3. first order (``FIRST_ORDER``: 0 none, 1 pooled per query block, 2 shared per head):
+   ``numerator += scale * (l_approx / norm) * (q @ H)``.
+
+Exact and approximate denominators are kept apart (the first-order term needs the approximate
+one) and both are rescaled whenever the running maximum moves. Text query blocks are dense.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .block_sparse_attention import _attend_block, _attend_range
+
+
+@triton.jit
+def piecewise_attn_fwd_kernel(
+    Q, K, V, Out, Lse,
+    FullNum, FullIdx, PartNum, PartIdx, Keep, KMean, VSum, Size, HMat, HNorm,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_ls, stride_lh,
+    stride_nb, stride_nh,  # FullNum / PartNum [B, H, NQ] (contiguous)
+    stride_fib, stride_fih, stride_fim,
+    stride_pib, stride_pih, stride_pim,
+    stride_keb, stride_keh, stride_kem,  # Keep [B, H, NQ, NK] int8
+    stride_mb, stride_mh,  # KMean / VSum [B, H, NK, D] (contiguous)
+    stride_hb, stride_hh, stride_hm,  # HMat [B, H, NQ or 1, D, D]
+    stride_nnb, stride_nnh,  # HNorm [B, H, NQ or 1]
+    num_heads, seq_len, vis_start, n_vis, text_start, text_len, n_vis_q_blocks, n_k_blocks,
+    qk_scale, sm_scale, first_order_norm,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_J: tl.constexpr, FIRST_ORDER: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+
+    is_visual = pid_m < n_vis_q_blocks
+    if is_visual:
+        q_loc = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = q_loc < n_vis
+        rows = vis_start + q_loc
+    else:
+        t_loc = (pid_m - n_vis_q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = t_loc < text_len
+        rows = text_start + t_loc
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :])
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)  # [BM, BD]
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_ptrs = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_d[:, None]
+    v_ptrs = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_d[None, :]
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)  # exact denominator
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    if is_visual:
+        # 1. approximate part over the non-critical key blocks (block means)
+        l_apx = tl.zeros((BLOCK_M,), tl.float32)
+        keep_row = Keep + b * stride_keb + h * stride_keh + pid_m * stride_kem
+        stat_off = b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        for j0 in range(0, n_k_blocks, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            j_valid = offs_j < n_k_blocks
+            critical = tl.load(keep_row + offs_j, mask=j_valid, other=1)
+            use = j_valid & (critical == 0)  # [BJ]
+            km = tl.load(KMean + stat_off + offs_j[None, :] * HEAD_DIM + offs_d[:, None],
+                         mask=j_valid[None, :] & d_valid[:, None], other=0.0)  # [BD, BJ] fp32
+            logits = tl.dot(q.to(tl.float32), km, input_precision="ieee") * qk_scale  # [BM, BJ]
+            logits = tl.where(use[None, :], logits, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(logits, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(logits - m_use[:, None])  # [BM, BJ]
+            vsum = tl.load(VSum + stat_off + offs_j[:, None] * HEAD_DIM + offs_d[None, :],
+                           mask=j_valid[:, None] & d_valid[None, :], other=0.0)  # [BJ, BD]
+            size = tl.load(Size + offs_j, mask=j_valid, other=0.0)  # [BJ]
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p, vsum, acc, input_precision="ieee")
+            l_apx = l_apx * alpha + tl.sum(p * size[None, :], 1)
+            l_i = l_i * alpha
+            m_i = m_new
+
+        # 2. exact part: critical blocks, then text keys
+        no_mask = tl.full((BLOCK_M, BLOCK_N), 1, tl.int1)
+        fn = tl.load(FullNum + b * stride_nb + h * stride_nh + pid_m)
+        fi_ptr = FullIdx + b * stride_fib + h * stride_fih + pid_m * stride_fim
+        for i in range(fn):
+            start = tl.load(fi_ptr + i) * BLOCK_N
+            acc, l_i, m_i, l_apx = _rescaled_block(acc, l_i, m_i, l_apx, q, k_ptrs, v_ptrs, offs_d, vis_start + start,
+                                                   no_mask, seq_len, stride_ks, stride_vs, qk_scale,
+                                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, UPCAST, DOT_PRECISION)
+        pn = tl.load(PartNum + b * stride_nb + h * stride_nh + pid_m)
+        pi_ptr = PartIdx + b * stride_pib + h * stride_pih + pid_m * stride_pim
+        for i in range(pn):
+            start = tl.load(pi_ptr + i) * BLOCK_N
+            k_loc = start + tl.arange(0, BLOCK_N)
+            key_mask = tl.broadcast_to((k_loc < n_vis)[None, :], (BLOCK_M, BLOCK_N))
+            acc, l_i, m_i, l_apx = _rescaled_block(acc, l_i, m_i, l_apx, q, k_ptrs, v_ptrs, offs_d, vis_start + start,
+                                                   key_mask, seq_len, stride_ks, stride_vs, qk_scale,
+                                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
+        n_whole = text_len // BLOCK_N
+        for i in range(n_whole):
+            acc, l_i, m_i, l_apx = _rescaled_block(acc, l_i, m_i, l_apx, q, k_ptrs, v_ptrs, offs_d,
+                                                   text_start + i * BLOCK_N, no_mask, seq_len,
+                                                   stride_ks, stride_vs, qk_scale,
+                                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, UPCAST, DOT_PRECISION)
+        tail = text_start + n_whole * BLOCK_N
+        if tail < text_start + text_len:
+            in_range = (tail + tl.arange(0, BLOCK_N)) < text_start + text_len
+            key_mask = tl.broadcast_to(in_range[None, :], (BLOCK_M, BLOCK_N))
+            acc, l_i, m_i, l_apx = _rescaled_block(acc, l_i, m_i, l_apx, q, k_ptrs, v_ptrs, offs_d, tail,
+                                                   key_mask, seq_len, stride_ks, stride_vs, qk_scale,
+                                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
+
+        # 3. first-order term: scale * (l_apx / norm) * (q @ H)
+        if FIRST_ORDER > 0:
+            if FIRST_ORDER == 1:
+                h_off = b.to(tl.int64) * stride_hb + h.to(tl.int64) * stride_hh + pid_m.to(tl.int64) * stride_hm
+                norm = tl.load(HNorm + b * stride_nnb + h * stride_nnh + pid_m)
+            else:
+                h_off = b.to(tl.int64) * stride_hb + h.to(tl.int64) * stride_hh
+                norm = first_order_norm
+            hm = tl.load(HMat + h_off + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
+                         mask=d_valid[:, None] & d_valid[None, :], other=0.0)  # [BD, BD] fp32
+            qh = tl.dot(q.to(tl.float32), hm, input_precision="ieee")  # [BM, BD]
+            acc += (sm_scale * l_apx / norm)[:, None] * qh
+        l_i = l_i + l_apx
+    else:
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, 0, seq_len,
+                                      stride_ks, stride_vs, qk_scale,
+                                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
+    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + rows[:, None].to(tl.int64) * stride_os + offs_d[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+    l_ptrs = Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + rows.to(tl.int64) * stride_ls
+    tl.store(l_ptrs, lse, mask=row_valid)
+
+
+@triton.jit
+def _rescaled_block(acc, l_i, m_i, l_apx, q, k_ptrs, v_ptrs, offs_d, start_n, key_mask, seq_len,
+                    stride_ks, stride_vs, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """An exact key block that also rescales the approximate denominator ``l_apx``."""
+    m_old = m_i
+    acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, start_n, key_mask, seq_len,
+                                  stride_ks, stride_vs, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                  MASKED, UPCAST, DOT_PRECISION)
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    l_apx = l_apx * tl.math.exp2(m_old - m_use)
+    return acc, l_i, m_i, l_apx
+
+
+def grid_for(n_vis_q_blocks: int, text_len: int, block_m: int, batch_heads: int) -> tuple[int, int]:
+    return (n_vis_q_blocks + triton.cdiv(text_len, block_m), batch_heads)
