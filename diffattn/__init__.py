@@ -7,7 +7,7 @@
 torch.Size([1, 256, 2, 64])
 """
 
-from .attention import attention, choose_impl
+from .attention import attention, choose_impl, select_blocks
 from .block_layout import BlockLayout, build_block_layout
 from .patterns import BlockTopK, Dense, Pattern, Piecewise, Radial, SlidingWindow, parse_pattern
 from .reference import masked_attention_reference
@@ -45,4 +45,5 @@ __all__ = [
     "choose_impl",
     "masked_attention_reference",
     "parse_pattern",
+    "select_blocks",
 ]

@@ -114,13 +114,30 @@ def text_key_padding(text_lens: torch.Tensor, layout: TokenLayout) -> torch.Tens
     return ~padded
 
 
-def _select(pattern: Pattern, q, k, layout: TokenLayout, scale: float) -> torch.Tensor:
-    """A dynamic pattern's kept blocks ``bool [B, H, NQ, NK]`` over the visual tokens."""
+def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, layout: TokenLayout, scale: float | None = None) -> torch.Tensor:
+    """A dynamic pattern's (BlockTopK, Piecewise) kept blocks ``bool [B, H, NQ, NK]`` over the
+    visual tokens of ``q, k [B, S, H, D]``; pass it back as ``attention(..., selection=...)`` to
+    reuse it."""
+    if pattern.static:
+        raise ValueError(f"{type(pattern).__name__} is static: its blocks come from build_block_layout")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     vs, nv = layout.visual_start, layout.num_visual
     return pattern.select(q[:, vs : vs + nv], k[:, vs : vs + nv], scale)
 
 
-def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: float, block_size, text_lens) -> tuple:
+def _select(pattern: Pattern, q, k, layout: TokenLayout, scale: float, selection=None) -> torch.Tensor:
+    if selection is None:
+        return select_blocks(q, k, pattern, layout, scale)
+    nq = -(-layout.num_visual // pattern.block)
+    expected = (q.shape[0], q.shape[2], nq, nq)
+    if not isinstance(selection, torch.Tensor) or selection.dtype != torch.bool or tuple(selection.shape) != expected:
+        got = tuple(selection.shape) if isinstance(selection, torch.Tensor) else type(selection).__name__
+        raise ValueError(f"selection must be a bool tensor of shape [B, H, NQ, NK] = {expected}, got {got}")
+    return selection
+
+
+def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: float, block_size, text_lens,
+                      selection=None) -> tuple:
     from .kernels import block_sparse_attention, kernel_block_size
 
     block_q, block_k = block_size or kernel_block_size(q.shape[-1])
@@ -135,7 +152,7 @@ def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: flo
         geometry = [0, 0, layout.text_start, layout.text_len, grid_h, grid_w]  # n_vis == 0: every row dense
         mask_kind, params = 0, ()
     elif not pattern.static:
-        keep = _select(pattern, q, k, layout, scale)
+        keep = _select(pattern, q, k, layout, scale, selection)
         classes = selected_classes(keep, pattern.block, block_q, block_k, layout.num_visual)
         blocks = BlockLayout.from_classes(classes, block_q, block_k, layout.num_visual)
         tensors = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
@@ -149,12 +166,12 @@ def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: flo
     return block_sparse_attention(q, k, v, *tensors, geometry, window, mask_kind, scale, block_q, block_k, text_lens)
 
 
-def _piecewise_triton(q, k, v, pattern: Piecewise, layout: TokenLayout, scale: float) -> tuple:
+def _piecewise_triton(q, k, v, pattern: Piecewise, layout: TokenLayout, scale: float, selection=None) -> tuple:
     from .kernels import piecewise_attention
 
     vs, nv, blk = layout.visual_start, layout.num_visual, pattern.block
     q_vis, k_vis, v_vis = q[:, vs : vs + nv], k[:, vs : vs + nv], v[:, vs : vs + nv]
-    keep = pattern.select(q_vis, k_vis, scale)
+    keep = _select(pattern, q, k, layout, scale, selection)
     blocks = BlockLayout.from_classes(selected_classes(keep, blk, blk, blk, nv), blk, blk, nv)
     first_order = pattern.first_order if pattern.order == 1 else None
     stats = block_statistics(k_vis, v_vis, blk, first_order, pattern.rank)
@@ -186,6 +203,7 @@ def attention(
     scale: float | None = None,
     block_size: tuple[int, int] | None = None,
     text_lens: torch.Tensor | None = None,
+    selection: torch.Tensor | None = None,
 ):
     """Attention of ``q`` over ``k, v`` restricted to ``pattern``.
 
@@ -204,6 +222,8 @@ def attention(
         text_lens: optional ``int [B]``: how many text tokens of each batch row are real; the
             rest of the text segment is padding and no query attends it (HunyuanVideo's
             prompt padding). Default: all text tokens are attended.
+        selection: for dynamic patterns, the kept blocks from ``select_blocks`` (reused instead
+            of selecting again). Default: select from q and k.
 
     Returns:
         ``out`` ``[B, S, H, D]`` in q's dtype, or ``(out, lse)`` with ``return_lse=True``.
@@ -230,18 +250,19 @@ def attention(
         if text_lens is not None:
             raise ValueError("text_lens (text padding) is not supported with Piecewise yet")
         if chosen == "reference":
-            out, lse = piecewise_attention_reference(q, k, v, pattern, layout, scale=scale)
+            out, lse = piecewise_attention_reference(q, k, v, pattern, layout, scale=scale,
+                                                     selection=_select(pattern, q, k, layout, scale, selection))
         else:
-            out, lse = _piecewise_triton(q, k, v, pattern, layout, scale)
+            out, lse = _piecewise_triton(q, k, v, pattern, layout, scale, selection)
     elif chosen == "reference":
         if pattern.is_dense:
             mask_mod = None
         elif not pattern.static:
-            mask_mod = sequence_mask_mod(selected_mask_mod(_select(pattern, q, k, layout, scale), pattern.block), layout)
+            mask_mod = sequence_mask_mod(selected_mask_mod(_select(pattern, q, k, layout, scale, selection), pattern.block), layout)
         else:
             mask_mod = pattern.mask_mod(layout, q.device)
         padding = None if text_lens is None else text_key_padding(text_lens, layout)
         out, lse = masked_attention_reference(q, k, v, mask_mod, scale=scale, key_padding=padding)
     else:
-        out, lse = _attention_triton(q, k, v, pattern, layout, scale, block_size, text_lens)
+        out, lse = _attention_triton(q, k, v, pattern, layout, scale, block_size, text_lens, selection)
     return (out, lse) if return_lse else out

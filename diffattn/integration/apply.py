@@ -65,7 +65,7 @@ def _installed_hook(transformer: torch.nn.Module) -> GenerationStateHook | None:
 
 
 def apply(target, pattern: Pattern, *, dense_steps: int = 0, dense_layers: int = 0, dense_last_steps: int = 0,
-          cache=None, impl: str = "auto") -> SparseHandle:
+          cache=None, impl: str = "auto", selection_every: int = 1) -> SparseHandle:
     """Make the DiT's visual self-attention sparse.
 
     Args:
@@ -77,6 +77,8 @@ def apply(target, pattern: Pattern, *, dense_steps: int = 0, dense_layers: int =
         dense_last_steps: the last M steps stay dense (needs a pipeline target). Default 0.
         cache: reserved for the cross-step attention cache; must be None for now.
         impl: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``diffattn.attention``).
+        selection_every: dynamic patterns re-select their blocks every k steps (per layer and
+            CFG branch) and reuse the selection in between. Default 1.
 
     Returns:
         A ``SparseHandle`` describing what was replaced. Applying again replaces the previous
@@ -90,7 +92,7 @@ def apply(target, pattern: Pattern, *, dense_steps: int = 0, dense_layers: int =
     SparseHandle(family=wan, pattern=SlidingWindow(window=(3, 5, 5), stride=1, dilation=1), dense_steps=0, dense_layers=1, dense_last_steps=0, impl='auto'; transformer: 2 sparse attention processors)
     >>> diffattn.remove(model)
     """
-    schedule = _check(pattern, impl, cache, dense_steps, dense_layers, dense_last_steps)
+    schedule = _check(pattern, impl, cache, dense_steps, dense_layers, dense_last_steps, selection_every)
     transformers, scheduler = _transformers(target)
     adapters = {name: _adapter_for(t) for name, t in transformers.items()}
     replaced, states = {}, {}
@@ -124,14 +126,14 @@ def sparse_processors(transformer: torch.nn.Module, pattern: Pattern, *, dense_s
     return processors
 
 
-def _check(pattern, impl, cache, dense_steps, dense_layers, dense_last_steps) -> Schedule:
+def _check(pattern, impl, cache, dense_steps, dense_layers, dense_last_steps, selection_every=1) -> Schedule:
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a diffattn pattern (Dense, SlidingWindow, Radial, ...), got {type(pattern).__name__}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if cache is not None:
         raise NotImplementedError("cache= (the cross-step attention cache) is not available yet; pass cache=None")
-    return Schedule(dense_steps, dense_layers, dense_last_steps)
+    return Schedule(dense_steps, dense_layers, dense_last_steps, selection_every)
 
 
 def _install_state(transformer, adapter, pattern, schedule, impl, scheduler):

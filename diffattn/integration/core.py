@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from ..attention import attention
+from ..attention import attention, select_blocks
 from ..patterns.base import Pattern
 from ..tokens import TokenLayout
 from .state import GenerationState
@@ -25,17 +25,24 @@ class Schedule:
         dense_layers: the first L transformer blocks (execution order) are dense. Default 0.
         dense_last_steps: the last M steps are dense too (needs the step count, known when
             diffattn was applied to a pipeline). Default 0.
+        selection_every: dynamic patterns (BlockTopK, Piecewise) select their blocks every k
+            steps and reuse the selection in between, per layer and CFG branch (SparseD:
+            head-specific patterns are stable across steps). Default 1 (every step).
     """
 
     dense_steps: int = 0
     dense_layers: int = 0
     dense_last_steps: int = 0
+    selection_every: int = 1
 
     def __post_init__(self):
         for name in ("dense_steps", "dense_layers", "dense_last_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        value = self.selection_every
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"selection_every must be an int >= 1, got {value!r}")
 
     def is_dense(self, state: GenerationState, layer: int) -> bool:
         if layer < self.dense_layers or state.step < self.dense_steps:
@@ -112,4 +119,21 @@ class SparseAttentionCore:
                     self._warned_mask = True
                 return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
                                              backend=backend, parallel_config=parallel_config)
-        return attention(q, k, v, self.pattern, layout=layout, impl=self.impl, text_lens=text_lens)
+        selection = None
+        if not self.pattern.static and self.schedule.selection_every > 1:
+            selection = self._reused_selection(q, k, layout)
+        return attention(q, k, v, self.pattern, layout=layout, impl=self.impl, text_lens=text_lens, selection=selection)
+
+    def _reused_selection(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """The layer's block selection, recomputed every ``selection_every`` steps per CFG branch
+        and whenever the shapes change."""
+        state = self.state
+        key = (self.layer, state.branch)
+        shape = (tuple(q.shape), layout)
+        cached = state.selections.get(key)
+        if cached is not None and cached[1] == shape and 0 <= state.step - cached[0] < self.schedule.selection_every:
+            return cached[2]
+        scale = q.shape[-1] ** -0.5
+        keep = select_blocks(q, k, self.pattern, layout, scale)
+        state.selections[key] = (state.step, shape, keep)
+        return keep

@@ -10,10 +10,11 @@ the timestep goes up (a new generation).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..tokens import TokenLayout
 
@@ -27,9 +28,21 @@ class GenerationState:
     timestep: float | None = None
     layout: TokenLayout | None = None
     calls: int = 0
+    branch: str | None = None  # diffusers' cache_context name ("cond" / "uncond"), if any
+    selections: dict = field(default_factory=dict)  # (layer, branch) -> (step, key, kept blocks)
 
     def reset(self) -> None:
         self.step, self.num_steps, self.timestep, self.layout, self.calls = 0, None, None, None, 0
+        self.branch = None
+        self.selections.clear()
+
+
+class _ContextOnly(BaseState):
+    """diffusers hands each stateful hook's StateManager the current cache context; diffattn only
+    reads its name."""
+
+    def reset(self, *args, **kwargs):
+        pass
 
 
 def _first_timestep(value) -> float | None:
@@ -51,9 +64,12 @@ class GenerationStateHook(ModelHook):
         self.state = state
         self.scheduler = scheduler
         self.handle = handle
+        self.contexts = StateManager(_ContextOnly)  # receives cache_context("cond" / "uncond")
 
     def pre_forward(self, module, *args, **kwargs):
         state = self.state
+        context = self.contexts._context
+        state.branch = context.name if context is not None else None
         state.layout = self.adapter.token_layout(module, args, kwargs)
         t = _first_timestep(self.adapter.timestep(args, kwargs))
         timesteps = getattr(self.scheduler, "timesteps", None) if self.scheduler is not None else None

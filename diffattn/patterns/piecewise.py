@@ -143,7 +143,7 @@ def pooled_first_order(q_vis: torch.Tensor, keep: torch.Tensor, stats: dict, blo
 
 def piecewise_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Piecewise, layout, *, scale: float | None = None,
-    chunk: int = 256,
+    chunk: int = 256, selection: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of Piecewise attention on ``[B, S, H, D]`` (text tokens exact and dense).
 
@@ -154,7 +154,7 @@ def piecewise_attention_reference(
     scale = d**-0.5 if scale is None else scale
     vs, nv, blk = layout.visual_start, layout.num_visual, pattern.block
     q_vis, k_vis, v_vis = q[:, vs : vs + nv], k[:, vs : vs + nv], v[:, vs : vs + nv]
-    keep = pattern.select(q_vis, k_vis, scale)  # [B, H, NQ, NK]
+    keep = pattern.select(q_vis, k_vis, scale) if selection is None else selection  # [B, H, NQ, NK]
     order = pattern.order
     stats = block_statistics(k_vis, v_vis, blk, pattern.first_order if order else None, pattern.rank)
     text = torch.zeros(s, dtype=torch.bool, device=q.device)
