@@ -4,11 +4,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
 class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): ``diffattn generate: error: ...``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``WxH`` -> (width, height)."""
+    parts = text.lower().split("x")
+    try:
+        width, height = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 832x480 (WIDTHxHEIGHT), got {text!r}") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"size must be two positive sizes like 832x480, got {text!r}")
+    return width, height
 
 
 def _grid(text: str) -> tuple:
@@ -47,6 +71,118 @@ def cmd_demo(args) -> int:
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
     return 0
+
+
+def _check_generation_args(args) -> dict:
+    """Checks shared by generate and compare; returns the command line's generation settings."""
+    for name in ("steps", "frames", "height", "width"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CliError(f"--{name} must be >= 1, got {value}")
+    for name in ("dense_steps", "dense_layers", "dense_last_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if args.guidance is not None and args.guidance < 0:
+        raise CliError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.fps is not None and not 0 < args.fps < float("inf"):
+        raise CliError(f"--fps must be > 0, got {args.fps}")
+    if args.cache is not None:
+        raise CliError("--cache: the cross-step attention cache is not implemented yet in this version of diffattn; "
+                       "run without --cache")
+    height, width = args.height, args.width
+    if args.size is not None:
+        if height is not None or width is not None:
+            raise CliError("give either --size WxH or --height/--width, not both")
+        width, height = args.size
+    return {"height": height, "width": width, "num_frames": args.frames, "num_inference_steps": args.steps,
+            "guidance_scale": args.guidance}
+
+
+def _user_errors():
+    from .generate import UserError
+
+    return (UserError, ValueError, NotImplementedError, OSError)
+
+
+def cmd_generate(args) -> int:
+    from .generate import UserError, generate, load_preset, read_prompts, resolve_method
+
+    settings = _check_generation_args(args)
+    try:
+        prompts = read_prompts(args.prompt, args.prompts)
+        preset = load_preset(args.preset) if args.preset else None
+        method = resolve_method(args.method, preset=preset, preset_name=args.preset, allow_presets=False,
+                                dense_steps=args.dense_steps, dense_layers=args.dense_layers,
+                                dense_last_steps=args.dense_last_steps)
+        generate(prompts=prompts, seed=args.seed, method=method, model=args.model, preset=preset,
+                 preset_name=args.preset, settings_cli=settings, out=args.out, impl=args.impl, device=args.device,
+                 dtype=args.dtype, fps=args.fps, progress=not args.no_progress)
+    except UserError as exc:
+        raise CliError(_one_line(exc)) from None
+    except _user_errors() as exc:
+        if os.environ.get("DIFFATTN_DEBUG"):
+            raise
+        raise CliError(_one_line(exc)) from None
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import DEFAULT_METHODS, run_compare
+    from .generate import UserError, is_embedded, load_preset, read_prompts, resolve_method
+
+    settings = _check_generation_args(args)
+    try:
+        (prompt,) = read_prompts(args.prompt, None)
+        preset = load_preset(args.preset) if args.preset else None
+        specs = args.methods
+        if not specs:
+            if preset is not None:
+                specs = [None]
+            elif is_embedded(args.model):
+                specs = list(DEFAULT_METHODS)
+            else:
+                raise CliError("--methods is needed with --model (pattern specs or preset names)")
+        schedule = {"dense_steps": args.dense_steps, "dense_layers": args.dense_layers,
+                    "dense_last_steps": args.dense_last_steps}
+        methods = [resolve_method(spec, preset=preset, preset_name=args.preset, **schedule) for spec in specs]
+        run_compare(prompt=prompt, seed=args.seed, methods=methods, model=args.model, preset=preset,
+                    preset_name=args.preset, settings_cli=settings, out=args.out, impl=args.impl, device=args.device,
+                    dtype=args.dtype, attn_step=args.attn_step, repeats=args.repeats, warmup=not args.no_warmup,
+                    fps=args.fps or 16.0, progress=not args.no_progress)
+    except UserError as exc:
+        raise CliError(_one_line(exc)) from None
+    except _user_errors() as exc:
+        if os.environ.get("DIFFATTN_DEBUG"):
+            raise
+        raise CliError(_one_line(exc)) from None
+    return 0
+
+
+def _add_generation_args(p) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, default 0")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the preset's, else 8 for the embedded model, "
+                                              "else the pipeline's)")
+    p.add_argument("--size", type=_size, metavar="WxH", help="frame size in pixels, e.g. 832x480 (or --width/--height)")
+    p.add_argument("--height", type=int, help="frame height in pixels")
+    p.add_argument("--width", type=int, help="frame width in pixels")
+    p.add_argument("--frames", type=int, help="number of frames (Wan: 4k + 1; 1 = an image)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--dense-steps", type=int, help="first N denoising steps dense (default: the preset's, else 0)")
+    p.add_argument("--dense-layers", type=int, help="first L transformer blocks dense (default: the preset's, else 0)")
+    p.add_argument("--dense-last-steps", type=int, help="last M steps dense (default: the preset's, else 0)")
+    p.add_argument("--cache", nargs="?", const="default", metavar="CONFIG",
+                   help="cross-step attention cache: not implemented yet (passing it is an error)")
+    p.add_argument("--model", help="local pipeline folder or hub id; default: the embedded tiny Wan pipeline "
+                                   "(random weights, its frames are noise), or the preset's model")
+    p.add_argument("--preset", help="preset name or YAML file: model, method, schedule and generation settings")
+    p.add_argument("--impl", choices=["auto", "triton", "reference"], default="auto",
+                   help="sparse attention implementation, default auto (Triton on CUDA, torch reference on CPU)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype; auto: float32 for the embedded model and on CPU, bfloat16 on CUDA")
+    p.add_argument("--fps", type=float, help="frames per second of written videos, default 16")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def cmd_show(args) -> int:
@@ -117,7 +253,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffattn", description="Sparse attention for diffusers DiT models.")
+    parser = _Parser(prog="diffattn", description="Sparse attention for diffusers DiT models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from .demo import DEMO_PATTERN, DEMO_PROMPT
@@ -134,6 +270,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dense-steps", type=int, default=2, help="first N steps dense, default 2")
     demo.add_argument("--impl", choices=["auto", "triton", "reference"], default="auto", help="attention implementation")
     demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser(
+        "generate", help="generate videos or images with sparse attention",
+        description="Generate one video or image per prompt with sparse self-attention and write it with a JSON "
+                    "record (settings, seed, versions, timings, token grid, attended fraction) beside it. Without "
+                    "--model the embedded tiny Wan pipeline runs: random weights, so its frames are noise.")
+    gen.add_argument("--prompt", help="text prompt (default: a demo prompt)")
+    gen.add_argument("--prompts", metavar="FILE", help="file with one prompt per line: one output per prompt")
+    gen.add_argument("--method", help="attention pattern spec: 'window:3x5x5', 'window:*x8x8,stride=1x2x2', "
+                                      "'radial:0.2', 'dense' (default: the preset's, else dense)")
+    _add_generation_args(gen)
+    gen.add_argument("--out", nargs="+", metavar="PATH",
+                     help="output: a folder (default outputs/generate), or files by extension: .mp4 and/or .gif "
+                          "for videos, .png for images (a contact sheet for videos); the JSON goes beside")
+    gen.set_defaults(func=cmd_generate)
+
+    cmp = sub.add_parser(
+        "compare", help="dense vs sparse methods: speed, PSNR/SSIM, attention error, report",
+        description="Run one prompt and seed through dense attention and each method; measure wall time and "
+                    "speedup, PSNR and SSIM of the frames against dense, and the attention-level relative L1 error "
+                    "on the dense run's q/k/v; write report.md, report.html, speed_quality.png and compare.json.")
+    cmp.add_argument("--prompt", help="text prompt (default: a demo prompt)")
+    cmp.add_argument("--methods", nargs="+", metavar="METHOD",
+                     help="pattern specs or preset names (default: window:3x5x5 radial:0.2 on the embedded "
+                          "model, or the --preset's method)")
+    _add_generation_args(cmp)
+    cmp.add_argument("--attn-step", type=int, help="denoising step whose q/k/v are probed (default: the middle step)")
+    cmp.add_argument("--repeats", type=int, default=1, help="timed runs per method (median), default 1")
+    cmp.add_argument("--no-warmup", action="store_true", help="skip the warm-up runs (2 steps per method)")
+    cmp.add_argument("--out", default="outputs/compare", help="report folder, default outputs/compare")
+    cmp.set_defaults(func=cmd_compare)
 
     show = sub.add_parser("show", help="draw a pattern's block layout", description="Print and draw the block layout of a pattern on a token grid.")
     show.add_argument("pattern", help="pattern, e.g. 'window:3x9x9', 'window:*x8x8,stride=1x2x2', 'radial:0.2', 'dense'")

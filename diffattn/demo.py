@@ -8,7 +8,6 @@ sparse self-attention, decoding, writing — on any machine in seconds.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -17,21 +16,9 @@ DEMO_PATTERN = "window:3x5x5"
 
 
 def _versions() -> dict:
-    import diffusers
-    import torch
-    import transformers
+    from .generate import versions
 
-    from . import __version__
-
-    info = {"diffattn": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception:
-        info["triton"] = "not installed"
-    return info
+    return versions()
 
 
 def run_demo(out_dir, pattern_spec: str = DEMO_PATTERN, prompt: str = DEMO_PROMPT, seed: int = 0,
@@ -39,6 +26,7 @@ def run_demo(out_dir, pattern_spec: str = DEMO_PATTERN, prompt: str = DEMO_PROMP
     """Generate one video with the embedded pipeline and a sparse pattern; returns the JSON record."""
     import torch
 
+    from .generate import run_once
     from .integration import apply
     from .patterns import parse_pattern
     from .pipelines import EMBEDDED_DEFAULTS, build_embedded_wan_pipeline
@@ -58,17 +46,9 @@ def run_demo(out_dir, pattern_spec: str = DEMO_PATTERN, prompt: str = DEMO_PROMP
     build_s = time.perf_counter() - t0
     handle = apply(pipe, pattern, dense_steps=dense_steps, impl=impl)
     log(f"{handle}")
-    generator = torch.Generator(device=device).manual_seed(seed)
-    seen_layouts = []
-
-    def record_layout(pipeline, step, timestep, kwargs):  # the state resets after the generation
-        seen_layouts.append(handle.states["transformer"].layout)
-        return {}
-
-    t0 = time.perf_counter()
-    frames = pipe(prompt, generator=generator, output_type="np", callback_on_step_end=record_layout, **settings).frames[0]
-    generate_s = time.perf_counter() - t0
-    layout = seen_layouts[-1] if seen_layouts else None
+    result = run_once(pipe, prompt, seed, settings, device=device)
+    frames, layout = result.frames, result.layout
+    generate_s = result.timings["generate"]
 
     paths = {
         "mp4": write_video(frames, out_dir / "demo.mp4"),
@@ -86,7 +66,9 @@ def run_demo(out_dir, pattern_spec: str = DEMO_PATTERN, prompt: str = DEMO_PROMP
         "attended_fraction": pattern.density(layout) if layout else None,
         "settings": settings,
         "device": device,
-        "timings_s": {"build": round(build_s, 3), "generate": round(generate_s, 3)},
+        "timings_s": {"build": round(build_s, 3), "generate": round(generate_s, 3),
+                      **{k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
+                         for k, v in result.timings.items() if k != "generate"}},
         "versions": _versions(),
         "outputs": {k: str(v) for k, v in paths.items()},
     }
