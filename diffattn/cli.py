@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -99,17 +100,27 @@ def _check_generation_args(args) -> dict:
             "guidance_scale": args.guidance}
 
 
-def _user_errors():
+@contextlib.contextmanager
+def _user_errors_as_cli():
+    """Errors caused by the user's arguments become one CLI line (DIFFATTN_DEBUG=1 re-raises
+    everything but diffattn's own argument errors, for a traceback)."""
     from .generate import UserError
 
-    return (UserError, ValueError, NotImplementedError, OSError)
+    try:
+        yield
+    except UserError as exc:
+        raise CliError(_one_line(exc)) from None
+    except (ValueError, NotImplementedError, OSError) as exc:
+        if os.environ.get("DIFFATTN_DEBUG"):
+            raise
+        raise CliError(_one_line(exc)) from None
 
 
 def cmd_generate(args) -> int:
-    from .generate import UserError, generate, load_preset, read_prompts, resolve_method
+    from .generate import generate, load_preset, read_prompts, resolve_method
 
     settings = _check_generation_args(args)
-    try:
+    with _user_errors_as_cli():
         prompts = read_prompts(args.prompt, args.prompts)
         preset = load_preset(args.preset) if args.preset else None
         method = resolve_method(args.method, preset=preset, preset_name=args.preset, allow_presets=False,
@@ -118,21 +129,15 @@ def cmd_generate(args) -> int:
         generate(prompts=prompts, seed=args.seed, method=method, model=args.model, preset=preset,
                  preset_name=args.preset, settings_cli=settings, out=args.out, impl=args.impl, device=args.device,
                  dtype=args.dtype, fps=args.fps, progress=not args.no_progress)
-    except UserError as exc:
-        raise CliError(_one_line(exc)) from None
-    except _user_errors() as exc:
-        if os.environ.get("DIFFATTN_DEBUG"):
-            raise
-        raise CliError(_one_line(exc)) from None
     return 0
 
 
 def cmd_compare(args) -> int:
     from .compare import DEFAULT_METHODS, run_compare
-    from .generate import UserError, is_embedded, load_preset, read_prompts, resolve_method
+    from .generate import is_embedded, load_preset, read_prompts, resolve_method
 
     settings = _check_generation_args(args)
-    try:
+    with _user_errors_as_cli():
         (prompt,) = read_prompts(args.prompt, None)
         preset = load_preset(args.preset) if args.preset else None
         specs = args.methods
@@ -150,12 +155,6 @@ def cmd_compare(args) -> int:
                     preset_name=args.preset, settings_cli=settings, out=args.out, impl=args.impl, device=args.device,
                     dtype=args.dtype, attn_step=args.attn_step, repeats=args.repeats, warmup=not args.no_warmup,
                     fps=args.fps or 16.0, progress=not args.no_progress)
-    except UserError as exc:
-        raise CliError(_one_line(exc)) from None
-    except _user_errors() as exc:
-        if os.environ.get("DIFFATTN_DEBUG"):
-            raise
-        raise CliError(_one_line(exc)) from None
     return 0
 
 

@@ -211,6 +211,14 @@ def block_sparse_attn_fwd_kernel(
                                       stride_ks, stride_vs, qk_scale,
                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
 
+    _store_rows(Out, Lse, acc, l_i, m_i, b, h, rows, row_valid, offs_d,
+                stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, HEAD_DIM)
+
+
+@triton.jit
+def _store_rows(Out, Lse, acc, l_i, m_i, b, h, rows, row_valid, offs_d,
+                stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, HEAD_DIM: tl.constexpr):
+    """Normalise the accumulator and write out ``[BM, D]`` and the natural-log lse ``[BM]``."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .block_sparse_attention import _attend_block, _attend_range
+from .block_sparse_attention import _attend_block, _attend_range, _store_rows
 
 
 @triton.jit
@@ -150,14 +150,8 @@ def piecewise_attn_fwd_kernel(
                                       stride_ks, stride_vs, qk_scale,
                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
-    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-              + rows[:, None].to(tl.int64) * stride_os + offs_d[None, :])
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
-    l_ptrs = Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + rows.to(tl.int64) * stride_ls
-    tl.store(l_ptrs, lse, mask=row_valid)
+    _store_rows(Out, Lse, acc, l_i, m_i, b, h, rows, row_valid, offs_d,
+                stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, HEAD_DIM)
 
 
 @triton.jit

@@ -18,6 +18,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from ...tokens import TokenLayout
 from ..core import SparseAttentionCore
+from ._legacy import legacy_qkv_heads
 
 
 class CogVideoXSparseProcessor:
@@ -41,22 +42,9 @@ class CogVideoXSparseProcessor:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-
         # [B, H, S, D], as diffusers builds them (norms and RoPE act on the last axis only)
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = legacy_qkv_heads(attn, hidden_states)
+        head_dim = key.shape[-1]
 
         if image_rotary_emb is not None:
             query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)

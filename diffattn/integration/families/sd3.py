@@ -14,6 +14,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from ...tokens import TokenLayout
 from ..core import SparseAttentionCore
+from ._legacy import legacy_qkv_heads
 
 
 class SD3SparseProcessor:
@@ -35,21 +36,8 @@ class SD3SparseProcessor:
         batch_size = hidden_states.shape[0]
 
         # `sample` projections, [B, H, S, D] as diffusers computes them.
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = legacy_qkv_heads(attn, hidden_states)
+        head_dim = key.shape[-1]
 
         # `context` projections: appended after the image tokens.
         if encoder_hidden_states is not None:
