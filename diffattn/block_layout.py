@@ -183,6 +183,33 @@ def layout_tensors(spec: tuple, grid: tuple, block_q: int, block_k: int, device:
     return blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx
 
 
+def complement_classes(classes: torch.Tensor) -> torch.Tensor:
+    """The block classes of the keys a pattern does *not* attend: FULL <-> EMPTY, PARTIAL stays
+    (its element mask is inverted in the kernel)."""
+    out = classes.clone()
+    out[classes == FULL] = EMPTY
+    out[classes == EMPTY] = FULL
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _complement_cached(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device: str) -> BlockLayout:
+    f_n, h_n, w_n = as_grid3(grid)
+    classes = complement_classes(pattern.block_classes(grid, block_q, block_k))
+    layout = BlockLayout.from_classes(classes, block_q, block_k, f_n * h_n * w_n)
+    return layout if device == "cpu" else layout.to(device)
+
+
+@torch.compiler.assume_constant_result
+def complement_layout_tensors(spec: tuple, grid: tuple, block_q: int, block_k: int, device: str) -> tuple:
+    """Like ``layout_tensors``, for the complement of the pattern (the step cache's external part)."""
+    pattern = pattern_from_spec(spec)
+    check_block_sizes(block_q, block_k)
+    pattern.validate(tuple(grid))
+    blocks = _complement_cached(pattern, tuple(grid), block_q, block_k, device)
+    return blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx
+
+
 def build_block_layout(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device="cpu") -> BlockLayout:
     """The BlockLayout of a static ``pattern`` on ``grid`` at the given block sizes, cached per
     (pattern, grid, block sizes, device).

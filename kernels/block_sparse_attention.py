@@ -10,6 +10,11 @@ One program computes one query block of one (batch, head). Query blocks come in 
 Text keys may be padded per batch row (HunyuanVideo): with ``HAS_TEXT_LENS`` only the first
 ``TextLens[b]`` text tokens are attended; the padding is a suffix of the text segment.
 
+With ``EXTERNAL`` the kernel computes the complement: visual queries over the visual keys the
+pattern does not attend (the layout is the complement layout; window masks are inverted inside
+partial blocks) and no text keys; the launcher runs no text query blocks. Merged through the
+log-sum-exp with the pattern's own (internal) partial, it gives dense attention exactly.
+
 Online softmax in base 2 with a running max; returns ``out`` and the natural-log ``lse``.
 Tensors are ``[B, S, H, D]`` with a unit stride on D.
 """
@@ -123,7 +128,8 @@ def block_sparse_attn_fwd_kernel(
     n_f, k_f, s_f, r_f, n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w,
     qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, DILATED: tl.constexpr, PACKED_COORDS: tl.constexpr, HAS_TEXT_LENS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, DILATED: tl.constexpr, PACKED_COORDS: tl.constexpr, HAS_TEXT_LENS: tl.constexpr,
+    EXTERNAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -190,15 +196,20 @@ def block_sparse_attn_fwd_kernel(
                     kf = k_loc // hw
                     kh = (k_loc // grid_w) % grid_h
                     kw = k_loc % grid_w
-                key_mask = key_mask & _axis_inside(g_f, st_f, kf, k_f, r_f, DILATED)
-                key_mask = key_mask & _axis_inside(g_h, st_h, kh, k_h, r_h, DILATED)
-                key_mask = key_mask & _axis_inside(g_w, st_w, kw, k_w, r_w, DILATED)
+                inside = _axis_inside(g_f, st_f, kf, k_f, r_f, DILATED)
+                inside = inside & _axis_inside(g_h, st_h, kh, k_h, r_h, DILATED)
+                inside = inside & _axis_inside(g_w, st_w, kw, k_w, r_w, DILATED)
+                if EXTERNAL:  # the keys outside the window
+                    key_mask = key_mask & (inside == 0)
+                else:
+                    key_mask = key_mask & inside
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, vis_start + start, key_mask, seq_len,
                                           stride_ks, stride_vs, qk_scale,
                                           HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
-        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_start, text_stop,
-                                      stride_ks, stride_vs, qk_scale,
-                                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+        if not EXTERNAL:  # text keys are always internal
+            acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_start, text_stop,
+                                          stride_ks, stride_vs, qk_scale,
+                                          HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
     elif HAS_TEXT_LENS:  # all keys but the padding [text_stop, text_end)
         acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, 0, text_stop,
                                       stride_ks, stride_vs, qk_scale,

@@ -75,6 +75,7 @@ def block_sparse_attention(
     block_q: int,
     block_k: int,
     text_lens: torch.Tensor | None = None,
+    external: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward.
 
@@ -90,6 +91,9 @@ def block_sparse_attention(
         block_q, block_k: the layout's block sizes.
         text_lens: optional ``int32 [B]``: attended text tokens per batch row (the rest of the
             text segment is padding, masked for every query).
+        external: compute the complement partial (the layout must be the complement layout):
+            visual queries over the visual keys outside the pattern; text rows get out 0 and
+            lse -inf.
 
     Returns:
         ``out [B, S, H, D]`` (q's dtype) and ``lse [B, S, H]`` float32.
@@ -112,6 +116,10 @@ def block_sparse_attention(
         if text_lens.shape != (batch,) or text_lens.device != q.device:
             raise ValueError(f"text_lens must be [B={batch}] on {q.device}, got {tuple(text_lens.shape)} on {text_lens.device}")
         text_lens = text_lens.to(torch.int32)
+    if external:  # no text query blocks run: their rows have no external keys
+        out[:, text_start : text_start + text_len].zero_()
+        lse[:, text_start : text_start + text_len].fill_(float("-inf"))
+        dense_len = 0
     grid = (n_vis_q_blocks + triton.cdiv(dense_len, block_q), batch * heads)
 
     def bstride(t: torch.Tensor, dim: int, size: int) -> int:
@@ -147,6 +155,7 @@ def block_sparse_attention(
         DILATED=mask_kind == 1 and any(r != 1 for r in window[3::4]),
         PACKED_COORDS=coords is not None,
         HAS_TEXT_LENS=text_lens is not None,
+        EXTERNAL=external,
         UPCAST=upcast,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **config,
@@ -155,7 +164,8 @@ def block_sparse_attention(
 
 
 @block_sparse_attention.register_fake
-def _(q, k, v, full_num, full_idx, part_num, part_idx, geometry, window, mask_kind, scale, block_q, block_k, text_lens=None):
+def _(q, k, v, full_num, full_idx, part_num, part_idx, geometry, window, mask_kind, scale, block_q, block_k, text_lens=None,
+      external=False):
     batch, seq_len, heads, _ = q.shape
     return torch.empty_like(q), q.new_empty((batch, seq_len, heads), dtype=torch.float32)
 

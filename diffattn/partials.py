@@ -1,0 +1,109 @@
+"""Attention split into two partials over disjoint key sets, and their exact merge.
+
+For a pattern, each query's keys split into *internal* (the pattern's keys, text included) and
+*external* (every other visual key). Each partial is a softmax over its keys with its
+log-sum-exp; ``merge_partials`` combines them into dense attention exactly:
+
+    m = max(lse_1, lse_2);  O = (O_1 e^(lse_1 - m) + O_2 e^(lse_2 - m)) / (e^(lse_1 - m) + e^(lse_2 - m))
+
+The step cache stores the external partial and merges it with fresh internal partials.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import _check, _select, attention, choose_impl, text_key_padding  # noqa: F401
+from .block_layout import BlockLayout, check_block_sizes, complement_layout_tensors
+from .patterns.base import Pattern, as_grid3, sequence_mask_mod  # noqa: F401
+from .patterns.piecewise import Piecewise
+from .patterns.topk import selected_classes, selected_mask_mod
+from .reference import masked_attention_reference
+from .tokens import TokenLayout
+
+
+def merge_partials(out_1: torch.Tensor, lse_1: torch.Tensor, out_2: torch.Tensor, lse_2: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two attention partials over disjoint keys: ``out [B, S, H, D]``, ``lse [B, S, H]``
+    (float32, natural log; -inf for a partial with no keys). Returns ``(out, lse)`` in out_1's
+    dtype."""
+    lse_1, lse_2 = lse_1.float(), lse_2.float()
+    m = torch.maximum(lse_1, lse_2)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w_1, w_2 = torch.exp(lse_1 - m), torch.exp(lse_2 - m)
+    total = w_1 + w_2
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    out = (out_1.float() * (w_1 / safe)[..., None] + out_2.float() * (w_2 / safe)[..., None]).to(out_1.dtype)
+    lse = torch.where(total > 0, m + torch.log(safe), torch.full_like(m, float("-inf")))
+    return out, lse
+
+
+def external_attention(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: str = "auto", scale: float | None = None,
+                       block_size=None, selection: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The external partial: each visual query over the visual keys ``pattern`` does not attend
+    (text queries and text keys are internal). Returns ``(out, lse)``; rows with no external key
+    get out 0 and lse -inf."""
+    _check(q, k, v, pattern, layout, True)
+    if isinstance(pattern, Piecewise):
+        raise ValueError("Piecewise already covers every key (exactly or approximately): it has no external part")
+    if block_size is not None:
+        check_block_sizes(*block_size)
+    pattern.validate(layout.grid)
+    chosen, _ = choose_impl(impl, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    n = layout.num_visual
+    if pattern.is_dense:
+        return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
+    if not pattern.static:
+        keep = _select(pattern, q, k, layout, scale, selection)
+    if chosen == "reference":
+        inner = selected_mask_mod(keep, pattern.block) if not pattern.static else pattern.visual_mask_mod(layout.grid, q.device)
+        vs = layout.visual_start
+
+        def mask(q_idx, kv_idx):
+            qv, kv = q_idx - vs, kv_idx - vs
+            visual = (qv >= 0) & (qv < n) & (kv >= 0) & (kv < n)
+            return visual & ~inner(qv.clamp(0, n - 1), kv.clamp(0, n - 1))
+
+        return masked_attention_reference(q, k, v, mask, scale=scale)
+    from .kernels import block_sparse_attention, kernel_block_size
+
+    block_q, block_k = block_size or kernel_block_size(q.shape[-1])
+    limit = pattern.kernel_block_limit()
+    if block_size is None and limit is not None:
+        block_q, block_k = min(block_q, limit), min(block_k, limit)
+    _, grid_h, grid_w = as_grid3(layout.grid)
+    geometry = [layout.visual_start, n, layout.text_start, layout.text_len, grid_h, grid_w]
+    if pattern.static:
+        tensors = complement_layout_tensors(pattern.spec(), layout.grid, block_q, block_k, str(q.device))
+        mask_kind, params = pattern.kernel_mask(layout.grid)
+    else:
+        blocks = BlockLayout.from_classes(selected_classes(~keep, pattern.block, block_q, block_k, n), block_q, block_k, n)
+        tensors = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
+        mask_kind, params = 0, ()
+    window = list(params) + [1] * (12 - len(params))
+    return block_sparse_attention(q, k, v, *tensors, geometry, window, mask_kind, scale, block_q, block_k, None, True)
+
+
+def attention_partials(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: str = "auto", scale: float | None = None,
+                       block_size=None, text_lens: torch.Tensor | None = None, selection: torch.Tensor | None = None):
+    """``(out_internal, lse_internal, out_external, lse_external)``; merged, they are dense
+    attention (with the text padding of ``text_lens`` honoured in the internal part).
+
+    >>> import torch, diffattn
+    >>> from diffattn.partials import attention_partials, merge_partials
+    >>> layout = diffattn.TokenLayout((4, 8, 8), text_len=8)
+    >>> q = k = v = torch.randn(1, layout.seq_len, 2, 32)
+    >>> o_in, l_in, o_ex, l_ex = attention_partials(q, k, v, diffattn.SlidingWindow((3, 5, 5)), layout=layout)
+    >>> out, _ = merge_partials(o_in, l_in, o_ex, l_ex)
+    >>> torch.allclose(out, diffattn.attention(q, k, v, diffattn.Dense(), layout=layout), atol=1e-5)
+    True
+    """
+    if not pattern.static and selection is None and not pattern.is_dense:
+        scale_ = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        selection = _select(pattern, q, k, layout, scale_, None)
+    out_in, lse_in = attention(q, k, v, pattern, layout=layout, impl=impl, return_lse=True, scale=scale,
+                               block_size=block_size, text_lens=text_lens, selection=selection)
+    out_ex, lse_ex = external_attention(q, k, v, pattern, layout=layout, impl=impl, scale=scale,
+                                        block_size=block_size, selection=selection)
+    return out_in, lse_in, out_ex, lse_ex
