@@ -16,7 +16,7 @@ LAYOUTS = [TokenLayout((3, 5, 7), text_len=10), TokenLayout((3, 5, 7), text_len=
 
 def patterns(layout):
     three = len(layout.grid) == 3
-    return [SlidingWindow((2, 3, 3) if three else (3, 3)), SlidingWindow((2, 3, 3) if three else (3, 3), dilation=(1, 2, 2) if three else (2, 2)),
+    return [SlidingWindow((2, 3, 3) if three else (3, 3)), SlidingWindow((2, 2, 3) if three else (3, 3), dilation=(1, 2, 2) if three else (2, 2)),
             Radial(0.5, block=16), BlockTopK(density=0.3, block=16), Dense()]
 
 
