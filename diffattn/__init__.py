@@ -15,7 +15,7 @@ from .tokens import TokenLayout
 
 __version__ = "0.1.0"
 
-_LAZY = {name: "integration" for name in ("apply", "remove", "sparse_processors", "SparseHandle", "Schedule")}
+_LAZY = {name: "integration" for name in ("apply", "remove", "sparse_processors", "SparseHandle", "Schedule", "StepCache")}
 
 
 def __getattr__(name):
@@ -31,6 +31,7 @@ __all__ = [
     "BlockTopK",
     "Schedule",
     "SparseHandle",
+    "StepCache",
     "apply",
     "remove",
     "sparse_processors",

@@ -89,8 +89,14 @@ def _check_generation_args(args) -> dict:
     if args.fps is not None and not 0 < args.fps < float("inf"):
         raise CliError(f"--fps must be > 0, got {args.fps}")
     if args.cache is not None:
-        raise CliError("--cache: the cross-step attention cache is not implemented yet in this version of diffattn; "
-                       "run without --cache")
+        from .integration.step_cache import parse_step_cache
+
+        try:
+            args.step_cache = parse_step_cache(args.cache)
+        except (ValueError, TypeError) as exc:
+            raise CliError(f"--cache: {exc}") from None
+    else:
+        args.step_cache = None
     height, width = args.height, args.width
     if args.size is not None:
         if height is not None or width is not None:
@@ -128,7 +134,7 @@ def cmd_generate(args) -> int:
                                 dense_last_steps=args.dense_last_steps)
         generate(prompts=prompts, seed=args.seed, method=method, model=args.model, preset=preset,
                  preset_name=args.preset, settings_cli=settings, out=args.out, impl=args.impl, device=args.device,
-                 dtype=args.dtype, fps=args.fps, progress=not args.no_progress)
+                 dtype=args.dtype, fps=args.fps, progress=not args.no_progress, cache=args.step_cache)
     return 0
 
 
@@ -137,6 +143,8 @@ def cmd_compare(args) -> int:
     from .generate import is_embedded, load_preset, read_prompts, resolve_method
 
     settings = _check_generation_args(args)
+    if args.step_cache is not None:
+        raise CliError("--cache is not supported by compare yet; run 'diffattn generate --cache' per setting")
     with _user_errors_as_cli():
         (prompt,) = read_prompts(args.prompt, None)
         preset = load_preset(args.preset) if args.preset else None
@@ -171,7 +179,8 @@ def _add_generation_args(p) -> None:
     p.add_argument("--dense-layers", type=int, help="first L transformer blocks dense (default: the preset's, else 0)")
     p.add_argument("--dense-last-steps", type=int, help="last M steps dense (default: the preset's, else 0)")
     p.add_argument("--cache", nargs="?", const="default", metavar="CONFIG",
-                   help="cross-step attention cache: not implemented yet (passing it is an error)")
+                   help="reuse the block-external attention across steps: '--cache' (refresh every 3 steps) or "
+                        "'--cache refresh_every=3,store_dtype=bfloat16,offload=true,lse_gate=0.05,cosine_gate=0.85'")
     p.add_argument("--model", help="local pipeline folder or hub id; default: the embedded tiny Wan pipeline "
                                    "(random weights, its frames are noise), or the preset's model")
     p.add_argument("--preset", help="preset name or YAML file: model, method, schedule and generation settings")

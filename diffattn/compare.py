@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 
 from .generate import (
-    CACHE_RECORD,
+    cache_record,
     EMBEDDED_NOTE,
     Method,
     UserError,
@@ -430,7 +430,7 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
         "seq_len": layout.seq_len if layout is not None else None,
         "repeats": repeats,
         "warmup": warmup,
-        "cache": dict(CACHE_RECORD),
+        "cache": cache_record(None),
         "dense": {
             "label": DENSE_LABEL,
             "time_s": dense_time,

@@ -552,7 +552,7 @@ def _layers(pipe) -> list[int]:
 # Running
 
 
-def install(pipe, method: Method, impl: str = "auto"):
+def install(pipe, method: Method, impl: str = "auto", cache=None):
     """Put ``method`` into ``pipe``; returns the ``SparseHandle`` (None: diffusers' processors).
 
     A dense pattern runs on diffusers' own processors (anything diffattn installed is removed).
@@ -568,7 +568,7 @@ def install(pipe, method: Method, impl: str = "auto"):
     try:
         return apply(pipe, method.pattern, dense_steps=method.schedule.dense_steps,
                      dense_layers=method.schedule.dense_layers, dense_last_steps=method.schedule.dense_last_steps,
-                     impl=impl)
+                     impl=impl, cache=cache)
     except (ValueError, TypeError, NotImplementedError) as exc:
         raise UserError(str(exc)) from None
 
@@ -890,8 +890,17 @@ def layout_record(method: Method, layout, num_steps: int | None, layers: list[in
             "effective_attended_fraction": effective_density(method, layout, num_steps or 0, layers)}
 
 
-CACHE_RECORD = {"enabled": False, "memory_bytes": 0,
-                "note": "the cross-step attention cache is not available yet; nothing is cached"}
+def cache_record(handle) -> dict:
+    """The step cache's settings and memory for the JSON record."""
+    cache = getattr(handle, "cache", None)
+    if cache is None:
+        return {"enabled": False, "memory_bytes": 0}
+    return {"enabled": True, "config": {"refresh_every": cache.refresh_every, "lse_gate": cache.lse_gate,
+                                        "cosine_gate": cache.cosine_gate,
+                                        "store_dtype": str(cache.store_dtype).replace("torch.", "") if cache.store_dtype else None,
+                                        "offload": cache.offload},
+            "memory_bytes": handle.peak_cache_bytes(),
+            "note": "peak bytes held by the step cache during the generation (every layer and CFG branch)"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -901,7 +910,7 @@ CACHE_RECORD = {"enabled": False, "memory_bytes": 0,
 def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | None = None, preset=None,
              preset_name: str | None = None, settings_cli: dict | None = None, out: list[str] | None = None,
              impl: str = "auto", device: str | None = None, dtype: str = "auto", fps: float | None = None,
-             progress: bool = True, log: Callable = print) -> list[dict]:
+             progress: bool = True, log: Callable = print, cache=None) -> list[dict]:
     """Generate one output per prompt; returns the JSON records written."""
     from .attention import choose_impl
 
@@ -910,7 +919,9 @@ def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | 
     target = load_target(model, preset, device=device, dtype=dtype, log=log)
     settings = generation_settings(target, preset, **(settings_cli or {}))
     check_fits(method, predict_grid(target.pipe, settings))
-    handle = install(target.pipe, method, impl)
+    if cache is not None and method.plain_dense:
+        raise UserError("--cache needs a sparse method: dense attention has nothing to reuse")
+    handle = install(target.pipe, method, impl, cache)
     log(f"method: {method.label}" + (f" -> {handle}" if handle is not None else " (diffusers' own attention processors)"))
     layers = _layers(target.pipe)
     try:
@@ -941,7 +952,7 @@ def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | 
                             settings.get("num_inference_steps") or len(result.timings.get("steps", [])), layers),
             "frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
             "fps": fps if frames.shape[0] > 1 else None,
-            "cache": dict(CACHE_RECORD),
+            "cache": cache_record(handle),
             "timings_s": _round_timings({"load": target.load_s, **result.timings}),
             "timings_note": ("generate = the pipeline call (text encoding, denoising, decoding); steps[0] runs from "
                              "the first transformer call to the end of step 0; self_attention = time inside the "

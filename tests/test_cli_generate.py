@@ -88,7 +88,9 @@ def test_several_prompts_number_file_outputs(tmp_path, capsys):
     (["--prompt", "a", "--prompts", "PROMPTS"], "not both"),
     (["--prompts", "MISSING"], "no file"),
     (["--preset", "no-such-preset"], "preset"),
-    (["--cache"], "cache"),
+    (["--cache"], "needs a sparse method"),
+    (["--method", "window:1x3x3", "--cache", "refresh_every=0"], "refresh_every"),
+    (["--method", "window:1x3x3", "--cache", "bogus=1"], "unknown cache option"),
     (["--height", "64"], "--size"),  # --size and --height together
     (["--frames", "8"], "4k + 1"),
     (["--out", "OUT.avi"], ".avi"),

@@ -14,6 +14,7 @@ from diffusers.hooks import HookRegistry
 from ..attention import IMPLS
 from ..patterns.base import Pattern
 from .core import Schedule, SparseAttentionCore
+from .step_cache import StepCache
 from .families import all_adapters
 from .state import GenerationState, GenerationStateHook
 
@@ -31,12 +32,27 @@ class SparseHandle:
     impl: str
     replaced: dict[str, list[str]]
     states: dict[str, GenerationState] = field(repr=False)
+    cache: StepCache | None = None
+
+    def cache_bytes(self) -> int:
+        """Bytes the step cache holds now, over every transformer, layer and CFG branch."""
+        return sum(state.cache_bytes() for state in self.states.values())
+
+    def peak_cache_bytes(self) -> int:
+        """The most the step cache held during the last generation."""
+        return sum(state.peak_cache_bytes for state in self.states.values())
+
+    def cache_bytes_per_layer(self) -> dict:
+        """``{(transformer, layer, branch): bytes}`` of the step cache now."""
+        return {(name, layer, branch): entry.nbytes for name, state in self.states.items()
+                for (layer, branch), entry in state.cache.items()}
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{name}: {len(procs)} sparse attention processors" for name, procs in self.replaced.items())
+        cache = "" if self.cache is None else f", cache={self.cache}"
         return (f"SparseHandle(family={self.family}, pattern={self.pattern}, dense_steps={self.schedule.dense_steps}, "
                 f"dense_layers={self.schedule.dense_layers}, dense_last_steps={self.schedule.dense_last_steps}, "
-                f"impl={self.impl!r}; {parts})")
+                f"impl={self.impl!r}{cache}; {parts})")
 
 
 def _transformers(target) -> tuple[dict[str, torch.nn.Module], object]:
@@ -75,7 +91,7 @@ def apply(target, pattern: Pattern, *, dense_steps: int = 0, dense_layers: int =
         dense_steps: the first N denoising steps stay dense. Default 0.
         dense_layers: the first L transformer blocks stay dense. Default 0.
         dense_last_steps: the last M steps stay dense (needs a pipeline target). Default 0.
-        cache: reserved for the cross-step attention cache; must be None for now.
+        cache: a ``StepCache`` to reuse the block-external attention across steps (None: off).
         impl: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``diffattn.attention``).
         selection_every: dynamic patterns re-select their blocks every k steps (per layer and
             CFG branch) and reuse the selection in between. Default 1.
@@ -97,15 +113,16 @@ def apply(target, pattern: Pattern, *, dense_steps: int = 0, dense_layers: int =
     adapters = {name: _adapter_for(t) for name, t in transformers.items()}
     replaced, states = {}, {}
     for attr, transformer in transformers.items():
-        processors, names, state = _install_state(transformer, adapters[attr], pattern, schedule, impl, scheduler)
+        processors, names, state = _install_state(transformer, adapters[attr], pattern, schedule, impl, scheduler, cache)
         transformer.set_attn_processor(processors)
         replaced[attr], states[attr] = names, state
     family = next(iter(adapters.values())).name
-    return SparseHandle(family, pattern, schedule, impl, replaced, states)
+    return SparseHandle(family, pattern, schedule, impl, replaced, states, cache)
 
 
 def sparse_processors(transformer: torch.nn.Module, pattern: Pattern, *, dense_steps: int = 0, dense_layers: int = 0,
-                      dense_last_steps: int = 0, impl: str = "auto", scheduler=None) -> dict:
+                      dense_last_steps: int = 0, impl: str = "auto", scheduler=None, cache: StepCache | None = None,
+                      selection_every: int = 1) -> dict:
     """Processors for ``transformer.set_attn_processor(...)``, for code that installs processors
     itself.
 
@@ -121,8 +138,8 @@ def sparse_processors(transformer: torch.nn.Module, pattern: Pattern, *, dense_s
     >>> model.set_attn_processor(diffattn.sparse_processors(model, diffattn.Radial(0.2)))
     >>> diffattn.remove(model)
     """
-    schedule = _check(pattern, impl, None, dense_steps, dense_layers, dense_last_steps)
-    processors, _, _ = _install_state(transformer, _adapter_for(transformer), pattern, schedule, impl, scheduler)
+    schedule = _check(pattern, impl, cache, dense_steps, dense_layers, dense_last_steps, selection_every)
+    processors, _, _ = _install_state(transformer, _adapter_for(transformer), pattern, schedule, impl, scheduler, cache)
     return processors
 
 
@@ -131,12 +148,14 @@ def _check(pattern, impl, cache, dense_steps, dense_layers, dense_last_steps, se
         raise TypeError(f"pattern must be a diffattn pattern (Dense, SlidingWindow, Radial, ...), got {type(pattern).__name__}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if cache is not None:
-        raise NotImplementedError("cache= (the cross-step attention cache) is not available yet; pass cache=None")
+    if cache is not None and not isinstance(cache, StepCache):
+        raise TypeError(f"cache must be a diffattn.StepCache or None, got {type(cache).__name__}")
+    if cache is not None and not pattern.is_dense and getattr(pattern, "first_order", None) is not None:
+        raise ValueError("cache= does not apply to Piecewise: it already covers every key")
     return Schedule(dense_steps, dense_layers, dense_last_steps, selection_every)
 
 
-def _install_state(transformer, adapter, pattern, schedule, impl, scheduler):
+def _install_state(transformer, adapter, pattern, schedule, impl, scheduler, cache=None):
     """Register the generation-state hook (replacing an earlier installation) and build the
     processor dict: diffusers' processors with the sparse targets swapped in."""
     if _installed_hook(transformer) is not None:
@@ -147,7 +166,7 @@ def _install_state(transformer, adapter, pattern, schedule, impl, scheduler):
     names = adapter.sparse_processor_names(transformer)
     layers = adapter.processor_layers(transformer) if hasattr(adapter, "processor_layers") else range(len(names))
     for layer, name in zip(layers, names):
-        proc = adapter.processor_class(SparseAttentionCore(pattern, schedule, layer, state, impl))
+        proc = adapter.processor_class(SparseAttentionCore(pattern, schedule, layer, state, impl, cache))
         proc._attention_backend = getattr(original[name], "_attention_backend", None)
         proc._parallel_config = getattr(original[name], "_parallel_config", None)
         processors[name] = proc

@@ -9,9 +9,11 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from ..attention import attention, select_blocks
+from ..partials import attention_partials, external_attention, merge_partials
 from ..patterns.base import Pattern
 from ..tokens import TokenLayout
 from .state import GenerationState
+from .step_cache import CacheEntry, StepCache, drifted_heads, stored
 
 logger = logging.getLogger("diffattn")
 
@@ -44,11 +46,13 @@ class Schedule:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"selection_every must be an int >= 1, got {value!r}")
 
-    def is_dense(self, state: GenerationState, layer: int) -> bool:
-        if layer < self.dense_layers or state.step < self.dense_steps:
+    def is_dense(self, state: GenerationState, layer: int, step: int | None = None) -> bool:
+        """Whether ``layer`` is dense at ``step`` (default: the state's current step)."""
+        step = state.step if step is None else step
+        if layer < self.dense_layers or step < self.dense_steps:
             return True
         if self.dense_last_steps and state.num_steps is not None:
-            return state.step >= state.num_steps - self.dense_last_steps
+            return step >= state.num_steps - self.dense_last_steps
         return False
 
 
@@ -79,12 +83,14 @@ class SparseAttentionCore:
     backend and parallel config, so they are exactly what the default processor computes.
     """
 
-    def __init__(self, pattern: Pattern, schedule: Schedule, layer: int, state: GenerationState, impl: str):
+    def __init__(self, pattern: Pattern, schedule: Schedule, layer: int, state: GenerationState, impl: str,
+                 cache: StepCache | None = None):
         self.pattern = pattern
         self.schedule = schedule
         self.layer = layer
         self.state = state
         self.impl = impl
+        self.cache = cache
         self._warned_mask = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend=None, parallel_config=None,
@@ -98,8 +104,11 @@ class SparseAttentionCore:
         if visual_only and layout is not None:
             layout = TokenLayout(layout.grid)
         if layout is None or self.pattern.is_dense or self.schedule.is_dense(self.state, self.layer):
-            return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
-                                         backend=backend, parallel_config=parallel_config)
+            out = dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
+                                        backend=backend, parallel_config=parallel_config)
+            if self._warm_cache_now(layout, q, attn_mask):
+                self._refresh(q, k, v, layout, None, None)  # the next step is sparse: have its external part ready
+            return out
         if parallel_config is not None:
             raise NotImplementedError(
                 "diffattn's sparse attention does not run under diffusers' context parallelism yet; "
@@ -120,9 +129,70 @@ class SparseAttentionCore:
                 return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
                                              backend=backend, parallel_config=parallel_config)
         selection = None
-        if not self.pattern.static and self.schedule.selection_every > 1:
+        if not self.pattern.static and (self.schedule.selection_every > 1 or self.cache is not None):
             selection = self._reused_selection(q, k, layout)
+        if self.cache is not None:
+            return self._attend_cached(q, k, v, layout, text_lens, selection)
         return attention(q, k, v, self.pattern, layout=layout, impl=self.impl, text_lens=text_lens, selection=selection)
+
+    # --- cross-step cache ------------------------------------------------------------
+
+    def _cache_key(self, q: torch.Tensor, layout: TokenLayout) -> tuple:
+        return (tuple(q.shape), q.dtype, q.device, layout)
+
+    def _warm_cache_now(self, layout, q, attn_mask) -> bool:
+        """At a dense step whose next step is sparse (the end of the warm-up), with a cache."""
+        if self.cache is None or layout is None or self.pattern.is_dense or attn_mask is not None:
+            return False
+        if layout.seq_len != q.shape[1] or self.layer < self.schedule.dense_layers:
+            return False
+        return not self.schedule.is_dense(self.state, self.layer, self.state.step + 1)
+
+    def _refresh(self, q, k, v, layout, text_lens, selection):
+        """Compute both partials, store the external one, return the merged (dense) output."""
+        if not self.pattern.static and selection is None:
+            selection = self._reused_selection(q, k, layout)
+        out_in, lse_in, out_ex, lse_ex = attention_partials(q, k, v, self.pattern, layout=layout, impl=self.impl,
+                                                            text_lens=text_lens, selection=selection)
+        config = self.cache
+        self.state.cache[(self.layer, self.state.branch)] = CacheEntry(
+            step=self.state.step, key=self._cache_key(q, layout),
+            out_ext=stored(out_ex, config), lse_ext=stored(lse_ex, config, torch.float32),
+            lse_in=stored(lse_in, config, torch.float32) if config.lse_gate is not None else None,
+            out_in=stored(out_in, config) if config.cosine_gate is not None else None,
+        )
+        return merge_partials(out_in, lse_in, out_ex, lse_ex)[0]
+
+    def _attend_cached(self, q, k, v, layout, text_lens, selection):
+        state, config = self.state, self.cache
+        entry = state.cache.get((self.layer, state.branch))
+        stale = entry is None or entry.key != self._cache_key(q, layout) or not 0 <= state.step - entry.step < config.refresh_every
+        if stale:
+            return self._refresh(q, k, v, layout, text_lens, selection)
+        out_in, lse_in = attention(q, k, v, self.pattern, layout=layout, impl=self.impl, return_lse=True,
+                                   text_lens=text_lens, selection=selection)
+        if config.lse_gate is not None or config.cosine_gate is not None:
+            heads = drifted_heads(entry, out_in, lse_in, config)
+            if bool(heads.any()):
+                self._refresh_heads(entry, heads, q, k, v, layout, selection, out_in, lse_in)
+        out_ex = entry.out_ext.to(q.device, q.dtype, non_blocking=True)
+        lse_ex = entry.lse_ext.to(q.device, non_blocking=True)
+        return merge_partials(out_in, lse_in, out_ex, lse_ex)[0]
+
+    def _refresh_heads(self, entry: CacheEntry, heads: torch.Tensor, q, k, v, layout, selection, out_in, lse_in):
+        """Recompute the external part of the drifted heads only."""
+        idx = heads.nonzero()[:, 0]
+        sel = selection[:, idx] if selection is not None else None
+        out_ex, lse_ex = external_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx], self.pattern, layout=layout,
+                                            impl=self.impl, selection=sel)
+        cpu_idx = idx.to(entry.out_ext.device)
+        entry.out_ext[:, :, cpu_idx] = out_ex.to(entry.out_ext.device, entry.out_ext.dtype)
+        entry.lse_ext[:, :, cpu_idx] = lse_ex.to(entry.lse_ext.device)
+        if entry.lse_in is not None:
+            entry.lse_in[:, :, cpu_idx] = lse_in[:, :, idx].to(entry.lse_in.device)
+        if entry.out_in is not None:
+            entry.out_in[:, :, cpu_idx] = out_in[:, :, idx].to(entry.out_in.device, entry.out_in.dtype)
+        self.state.head_refreshes += int(idx.numel())
 
     def _reused_selection(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """The layer's block selection, recomputed every ``selection_every`` steps per CFG branch

@@ -30,11 +30,20 @@ class GenerationState:
     calls: int = 0
     branch: str | None = None  # diffusers' cache_context name ("cond" / "uncond"), if any
     selections: dict = field(default_factory=dict)  # (layer, branch) -> (step, key, kept blocks)
+    cache: dict = field(default_factory=dict)  # (layer, branch) -> step_cache.CacheEntry
+    head_refreshes: int = 0  # heads refreshed by the drift gates in this generation
+    peak_cache_bytes: int = 0
 
     def reset(self) -> None:
         self.step, self.num_steps, self.timestep, self.layout, self.calls = 0, None, None, None, 0
         self.branch = None
         self.selections.clear()
+        self.cache.clear()
+        self.head_refreshes = 0
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the step cache now (every layer and CFG branch)."""
+        return sum(entry.nbytes for entry in self.cache.values())
 
 
 class _ContextOnly(BaseState):
@@ -70,6 +79,8 @@ class GenerationStateHook(ModelHook):
         state = self.state
         context = self.contexts._context
         state.branch = context.name if context is not None else None
+        if state.calls == 0:  # first call of a generation (the state was reset)
+            state.peak_cache_bytes = 0
         state.layout = self.adapter.token_layout(module, args, kwargs)
         t = _first_timestep(self.adapter.timestep(args, kwargs))
         timesteps = getattr(self.scheduler, "timesteps", None) if self.scheduler is not None else None
@@ -84,6 +95,11 @@ class GenerationStateHook(ModelHook):
         state.timestep = t
         state.calls += 1
         return args, kwargs
+
+    def post_forward(self, module, output):
+        if self.state.cache:
+            self.state.peak_cache_bytes = max(self.state.peak_cache_bytes, self.state.cache_bytes())
+        return output
 
     def reset_state(self, module):
         self.state.reset()

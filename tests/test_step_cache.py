@@ -1,0 +1,138 @@
+"""The cross-step attention cache (diffattn.StepCache) on the tiny Wan pipeline and transformer."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+import diffattn
+from diffattn import Piecewise, SlidingWindow, StepCache
+from diffattn.integration.step_cache import parse_step_cache
+from diffattn.pipelines import build_embedded_wan_pipeline
+
+SETTINGS = dict(height=128, width=128, num_frames=17, num_inference_steps=8, guidance_scale=5.0,
+                max_sequence_length=16, output_type="np")
+PATTERN = SlidingWindow((1, 3, 3))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_embedded_wan_pipeline(seed=0)
+
+
+def generate(pipe, callback=None):
+    return pipe("a fox", generator=torch.Generator().manual_seed(0), callback_on_step_end=callback, **SETTINGS).frames[0]
+
+
+@pytest.fixture(scope="module")
+def dense(pipe):
+    return generate(pipe)
+
+
+def err(x, ref):
+    return float(np.abs(x - ref).mean())
+
+
+def test_refresh_every_step_is_dense(pipe, dense):
+    diffattn.apply(pipe, PATTERN, cache=StepCache(refresh_every=1))
+    out = generate(pipe)
+    diffattn.remove(pipe)
+    np.testing.assert_allclose(out, dense, atol=1e-5)
+
+
+def test_reuse_beats_the_plain_pattern_and_is_repeatable(pipe, dense):
+    diffattn.apply(pipe, PATTERN)
+    sparse = generate(pipe)
+    handle = diffattn.apply(pipe, PATTERN, cache=StepCache(refresh_every=3))
+    cached, again = generate(pipe), generate(pipe)
+    diffattn.remove(pipe)
+    assert np.array_equal(cached, again)  # the cache is reset for every generation
+    assert err(cached, dense) < 0.5 * err(sparse, dense)  # at least 2x closer to dense
+    assert handle.cache_bytes() == 0  # nothing left behind after the generation
+
+
+def test_gates_refresh_heads_and_lower_the_error(pipe, dense):
+    diffattn.apply(pipe, PATTERN, cache=StepCache(refresh_every=4))
+    plain = generate(pipe)
+    handle = diffattn.apply(pipe, PATTERN, cache=StepCache(refresh_every=4, lse_gate=0.01, cosine_gate=0.99))
+    refreshed = []
+    gated = generate(pipe, lambda p, i, t, kw: refreshed.append(handle.states["transformer"].head_refreshes) or {})
+    diffattn.remove(pipe)
+    assert refreshed[-1] > 0
+    assert err(gated, dense) <= err(plain, dense)
+
+
+def test_branches_are_separate_and_memory_is_accounted(pipe):
+    handle = diffattn.apply(pipe, PATTERN, cache=StepCache(refresh_every=3))
+    seen = []
+
+    def look(p, i, t, kw):
+        state = handle.states["transformer"]
+        seen.append((sorted(state.cache), handle.cache_bytes(),
+                     sum(e.out_ext.numel() * e.out_ext.element_size() + e.lse_ext.numel() * 4 for e in state.cache.values())))
+        return {}
+
+    generate(pipe, look)
+    peak = handle.peak_cache_bytes()
+    diffattn.remove(pipe)
+    keys, held, counted = seen[0]
+    assert keys == sorted((layer, branch) for layer in range(4) for branch in ("cond", "uncond"))
+    assert held == counted > 0
+    # 4 layers x 2 branches x (out [1, 320, 2, 32] fp32 + lse [1, 320, 2] fp32)
+    assert peak == 8 * (320 * 2 * 32 * 4 + 320 * 2 * 4)
+
+
+def test_store_dtype_and_offload(pipe, dense):
+    handle = diffattn.apply(pipe, PATTERN, cache=StepCache(refresh_every=3, store_dtype=torch.bfloat16, offload=True))
+    out = generate(pipe)
+    peak = handle.peak_cache_bytes()
+    diffattn.remove(pipe)
+    assert peak == 8 * (320 * 2 * 32 * 2 + 320 * 2 * 4)  # bf16 output, fp32 lse
+    assert err(out, dense) < 1e-3
+
+
+@torch.no_grad()
+def test_resolution_change_invalidates():
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                  out_channels=4, text_dim=8, freq_dim=8, ffn_dim=32, num_layers=2,
+                                  rope_max_seq_len=32).eval()
+    handle = diffattn.apply(model, PATTERN, cache=StepCache(refresh_every=10))
+    enc = torch.randn(1, 5, 8)
+    state = handle.states["transformer"]
+    model(torch.randn(1, 4, 3, 8, 10), torch.tensor([900]), enc)
+    first = state.cache[(0, None)].key
+    out = model(torch.randn(1, 4, 2, 12, 6), torch.tensor([800]), enc).sample  # new size, same generation
+    assert out.shape == (1, 4, 2, 12, 6) and torch.isfinite(out).all()
+    assert state.cache[(0, None)].key != first and state.cache[(0, None)].step == 1
+    diffattn.remove(model)
+
+
+def test_invalid_configurations(pipe):
+    with pytest.raises(ValueError, match="refresh_every"):
+        StepCache(refresh_every=0)
+    with pytest.raises(ValueError, match="store_dtype"):
+        StepCache(store_dtype=torch.int8)
+    with pytest.raises(ValueError, match="cosine_gate"):
+        StepCache(cosine_gate=1.5)
+    with pytest.raises(TypeError, match="StepCache"):
+        diffattn.apply(pipe, PATTERN, cache={"refresh_every": 3})
+    with pytest.raises(ValueError, match="Piecewise"):
+        diffattn.apply(pipe, Piecewise(0.5), cache=StepCache())
+    assert parse_step_cache("refresh_every=2,offload=true").offload is True
+    with pytest.raises(ValueError, match="unknown cache option"):
+        parse_step_cache("speed=3")
+
+
+def test_generate_with_cache_reports_memory(tmp_path, capsys):
+    from diffattn.cli import main
+
+    out = tmp_path / "fox.mp4"
+    assert main(["generate", "--size", "64x64", "--frames", "9", "--steps", "3", "--method", "window:1x3x3",
+                 "--cache", "refresh_every=2,store_dtype=bfloat16", "--out", str(out), "--no-progress"]) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["cache"]["enabled"] and record["cache"]["config"]["store_dtype"] == "bfloat16"
+    # 4 layers x 2 branches x (out [1, 48, 2, 32] bf16 + lse [1, 48, 2] fp32)
+    assert record["cache"]["memory_bytes"] == 8 * (48 * 2 * 32 * 2 + 48 * 2 * 4)
