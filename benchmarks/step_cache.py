@@ -64,7 +64,8 @@ def main():
     for pattern in (SlidingWindow((3, 5, 5)), Radial(0.2, block=64)):
         base_err = base_t = None
         for cache in (None, StepCache(refresh_every=1), StepCache(refresh_every=3), StepCache(refresh_every=3, store_dtype=torch.bfloat16),
-                      StepCache(refresh_every=3, lse_gate=0.05, cosine_gate=0.85), StepCache(refresh_every=6)):
+                      StepCache(refresh_every=3, lse_gate=0.05, cosine_gate=0.85), StepCache(refresh_every=6),
+                      StepCache(refresh_every=3, light=True)):
             handle = diffattn.apply(pipe, pattern, dense_steps=2, cache=cache, impl="reference")
             out, t = run(pipe)
             peak = handle.peak_cache_bytes()
@@ -73,7 +74,8 @@ def main():
             if cache is None:
                 base_err, base_t = e, t
             label = "none" if cache is None else (f"k={cache.refresh_every}" + (f", {str(cache.store_dtype).replace('torch.', '')}" if cache.store_dtype else "")
-                                                   + (", gates 0.05 / 0.85" if cache.lse_gate else ""))
+                                                   + (", gates 0.05 / 0.85" if cache.lse_gate else "")
+                                                   + (", light" if cache.light else ""))
             print(f"| {pattern} | {label} | {e:.2e} | {psnr(out, dense):.2f} | {e / base_err:.3f} | {t:.3f} | {t / base_t:.2f} | {peak} |")
 
 

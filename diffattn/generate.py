@@ -898,7 +898,7 @@ def cache_record(handle) -> dict:
     return {"enabled": True, "config": {"refresh_every": cache.refresh_every, "lse_gate": cache.lse_gate,
                                         "cosine_gate": cache.cosine_gate,
                                         "store_dtype": str(cache.store_dtype).replace("torch.", "") if cache.store_dtype else None,
-                                        "offload": cache.offload},
+                                        "offload": cache.offload, "light": cache.light},
             "memory_bytes": handle.peak_cache_bytes(),
             "note": "peak bytes held by the step cache during the generation (every layer and CFG branch)"}
 

@@ -136,3 +136,12 @@ def test_generate_with_cache_reports_memory(tmp_path, capsys):
     assert record["cache"]["enabled"] and record["cache"]["config"]["store_dtype"] == "bfloat16"
     # 4 layers x 2 branches x (out [1, 48, 2, 32] bf16 + lse [1, 48, 2] fp32)
     assert record["cache"]["memory_bytes"] == 8 * (48 * 2 * 32 * 2 + 48 * 2 * 4)
+
+
+def test_light_mode_stores_only_the_mass(pipe, dense):
+    handle = diffattn.apply(pipe, PATTERN, cache=StepCache(refresh_every=3, light=True))
+    out = generate(pipe)
+    peak = handle.peak_cache_bytes()
+    diffattn.remove(pipe)
+    assert peak == 8 * (320 * 2 * 4)  # lse only: [1, 320, 2] fp32 per layer and branch
+    assert np.isfinite(out).all()

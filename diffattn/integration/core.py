@@ -13,7 +13,7 @@ from ..partials import attention_partials, external_attention, merge_partials
 from ..patterns.base import Pattern
 from ..tokens import TokenLayout
 from .state import GenerationState
-from .step_cache import CacheEntry, StepCache, drifted_heads, stored
+from .step_cache import CacheEntry, StepCache, drifted_heads, light_merge, stored
 
 logger = logging.getLogger("diffattn")
 
@@ -157,7 +157,7 @@ class SparseAttentionCore:
         config = self.cache
         self.state.cache[(self.layer, self.state.branch)] = CacheEntry(
             step=self.state.step, key=self._cache_key(q, layout),
-            out_ext=stored(out_ex, config), lse_ext=stored(lse_ex, config, torch.float32),
+            out_ext=None if config.light else stored(out_ex, config), lse_ext=stored(lse_ex, config, torch.float32),
             lse_in=stored(lse_in, config, torch.float32) if config.lse_gate is not None else None,
             out_in=stored(out_in, config) if config.cosine_gate is not None else None,
         )
@@ -175,8 +175,10 @@ class SparseAttentionCore:
             heads = drifted_heads(entry, out_in, lse_in, config)
             if bool(heads.any()):
                 self._refresh_heads(entry, heads, q, k, v, layout, selection, out_in, lse_in)
-        out_ex = entry.out_ext.to(q.device, q.dtype, non_blocking=True)
         lse_ex = entry.lse_ext.to(q.device, non_blocking=True)
+        if entry.out_ext is None:
+            return light_merge(out_in, lse_in, lse_ex)
+        out_ex = entry.out_ext.to(q.device, q.dtype, non_blocking=True)
         return merge_partials(out_in, lse_in, out_ex, lse_ex)[0]
 
     def _refresh_heads(self, entry: CacheEntry, heads: torch.Tensor, q, k, v, layout, selection, out_in, lse_in):
@@ -185,8 +187,9 @@ class SparseAttentionCore:
         sel = selection[:, idx] if selection is not None else None
         out_ex, lse_ex = external_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx], self.pattern, layout=layout,
                                             impl=self.impl, selection=sel)
-        cpu_idx = idx.to(entry.out_ext.device)
-        entry.out_ext[:, :, cpu_idx] = out_ex.to(entry.out_ext.device, entry.out_ext.dtype)
+        cpu_idx = idx.to(entry.lse_ext.device)
+        if entry.out_ext is not None:
+            entry.out_ext[:, :, cpu_idx] = out_ex.to(entry.out_ext.device, entry.out_ext.dtype)
         entry.lse_ext[:, :, cpu_idx] = lse_ex.to(entry.lse_ext.device)
         if entry.lse_in is not None:
             entry.lse_in[:, :, cpu_idx] = lse_in[:, :, idx].to(entry.lse_in.device)

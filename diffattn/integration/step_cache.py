@@ -34,9 +34,12 @@ class StepCache:
         store_dtype: dtype of the stored external output: None (the model's), float32,
             bfloat16 or float16. The log-sum-exp is always float32.
         offload: keep the stored partials in CPU memory (pinned when CUDA is used).
+        light: store only each query's external softmax mass (its log-sum-exp, O(S x H)) instead
+            of the external output (O(S x H x D)), and rescale the sparse output by the internal
+            share of the total mass (after Re-ttention). Default False.
 
     >>> StepCache(refresh_every=3)
-    StepCache(refresh_every=3, lse_gate=None, cosine_gate=None, store_dtype=None, offload=False)
+    StepCache(refresh_every=3, lse_gate=None, cosine_gate=None, store_dtype=None, offload=False, light=False)
     """
 
     refresh_every: int = 3
@@ -44,6 +47,7 @@ class StepCache:
     cosine_gate: float | None = None
     store_dtype: torch.dtype | None = None
     offload: bool = False
+    light: bool = False
 
     def __post_init__(self):
         k = self.refresh_every
@@ -57,8 +61,9 @@ class StepCache:
             raise ValueError(f"StepCache cosine_gate must be <= 1, got {self.cosine_gate!r}")
         if self.store_dtype not in STORE_DTYPES:
             raise ValueError(f"StepCache store_dtype must be one of None, float32, bfloat16, float16, got {self.store_dtype!r}")
-        if not isinstance(self.offload, bool):
-            raise TypeError(f"StepCache offload must be a bool, got {self.offload!r}")
+        for name in ("offload", "light"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"StepCache {name} must be a bool, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -67,7 +72,7 @@ class CacheEntry:
 
     step: int
     key: tuple  # (shape, dtype, device, token layout): any change invalidates
-    out_ext: torch.Tensor  # [B, S, H, D], store dtype, maybe on CPU
+    out_ext: torch.Tensor | None  # [B, S, H, D], store dtype, maybe on CPU (None in light mode)
     lse_ext: torch.Tensor  # [B, S, H] float32
     lse_in: torch.Tensor | None = None  # for the lse gate
     out_in: torch.Tensor | None = None  # for the cosine gate
@@ -75,6 +80,14 @@ class CacheEntry:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.out_ext, self.lse_ext, self.lse_in, self.out_in) if t is not None)
+
+
+def light_merge(out_in: torch.Tensor, lse_in: torch.Tensor, lse_ext: torch.Tensor) -> torch.Tensor:
+    """The sparse output scaled by its share of the total softmax mass, ``Z_in / (Z_in + Z_ext)``
+    (light mode: the external output itself is not stored)."""
+    share = torch.exp(lse_in - torch.logaddexp(lse_in, lse_ext.to(lse_in.device)))
+    share = torch.where(torch.isfinite(share), share, torch.ones_like(share))
+    return (out_in.float() * share[..., None]).to(out_in.dtype)
 
 
 def stored(t: torch.Tensor, config: StepCache, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -122,11 +135,11 @@ def parse_step_cache(spec: str | None) -> StepCache:
                 kwargs[key] = None if value.lower() == "none" else float(value)
             elif key == "store_dtype":
                 kwargs[key] = dtypes[value.lower()]
-            elif key == "offload":
+            elif key in ("offload", "light"):
                 kwargs[key] = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
             else:
                 raise ValueError(f"unknown cache option {key!r}; allowed: refresh_every, lse_gate, cosine_gate, "
-                                 "store_dtype, offload")
+                                 "store_dtype, offload, light")
         except (KeyError, ValueError) as exc:
             if isinstance(exc, ValueError) and "unknown cache option" in str(exc):
                 raise
