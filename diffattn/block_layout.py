@@ -156,9 +156,12 @@ class BlockLayout:
 
 
 @functools.lru_cache(maxsize=64)
-def _build_cached(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device: str) -> BlockLayout:
+def _build_cached(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device: str,
+                  complement: bool = False) -> BlockLayout:
     f_n, h_n, w_n = as_grid3(grid)
     classes = pattern.block_classes(grid, block_q, block_k)
+    if complement:
+        classes = complement_classes(classes)
     layout = BlockLayout.from_classes(classes, block_q, block_k, f_n * h_n * w_n)
     return layout if device == "cpu" else layout.to(device)
 
@@ -192,27 +195,18 @@ def complement_classes(classes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _complement_cached(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device: str) -> BlockLayout:
-    f_n, h_n, w_n = as_grid3(grid)
-    classes = complement_classes(pattern.block_classes(grid, block_q, block_k))
-    layout = BlockLayout.from_classes(classes, block_q, block_k, f_n * h_n * w_n)
-    return layout if device == "cpu" else layout.to(device)
-
-
 @torch.compiler.assume_constant_result
 def complement_layout_tensors(spec: tuple, grid: tuple, block_q: int, block_k: int, device: str) -> tuple:
     """Like ``layout_tensors``, for the complement of the pattern (the step cache's external part)."""
-    pattern = pattern_from_spec(spec)
-    check_block_sizes(block_q, block_k)
-    pattern.validate(tuple(grid))
-    blocks = _complement_cached(pattern, tuple(grid), block_q, block_k, device)
+    blocks = build_block_layout(pattern_from_spec(spec), grid, block_q, block_k, device, complement=True)
     return blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx
 
 
-def build_block_layout(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device="cpu") -> BlockLayout:
+def build_block_layout(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device="cpu",
+                       complement: bool = False) -> BlockLayout:
     """The BlockLayout of a static ``pattern`` on ``grid`` at the given block sizes, cached per
-    (pattern, grid, block sizes, device).
+    (pattern, grid, block sizes, device). ``complement=True``: the layout of the visual keys the
+    pattern does not attend (the step cache's external part).
 
     >>> import diffattn
     >>> layout = build_block_layout(diffattn.SlidingWindow(3), (8, 8), 16, 16)
@@ -226,4 +220,4 @@ def build_block_layout(pattern: Pattern, grid: tuple, block_q: int, block_k: int
         raise ValueError(f"{type(pattern).__name__} selects blocks from the data; it has no static layout")
     check_block_sizes(block_q, block_k)
     pattern.validate(tuple(grid))
-    return _build_cached(pattern, tuple(grid), block_q, block_k, str(torch.device(device)))
+    return _build_cached(pattern, tuple(grid), block_q, block_k, str(torch.device(device)), complement)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .attention import _check, _select, attention, choose_impl, text_key_padding  # noqa: F401
+from .attention import _check, _select, attention, choose_impl
 from .block_layout import BlockLayout, check_block_sizes, complement_layout_tensors
-from .patterns.base import Pattern, as_grid3, sequence_mask_mod  # noqa: F401
+from .patterns.base import Pattern, as_grid3
 from .patterns.piecewise import Piecewise
 from .patterns.topk import selected_classes, selected_mask_mod
 from .reference import masked_attention_reference

@@ -121,7 +121,7 @@ class SparseAttentionCore:
             )
         text_lens = None
         if attn_mask is not None:
-            text_lens = text_lens_from_mask(attn_mask, layout)
+            text_lens = self._text_lens(attn_mask, layout)
             if text_lens is None:
                 if not self._warned_mask:
                     logger.warning("diffattn: an attention mask that is not text padding; this call runs dense")
@@ -134,6 +134,16 @@ class SparseAttentionCore:
         if self.cache is not None:
             return self._attend_cached(q, k, v, layout, text_lens, selection)
         return attention(q, k, v, self.pattern, layout=layout, impl=self.impl, text_lens=text_lens, selection=selection)
+
+    def _text_lens(self, attn_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor | None:
+        """``text_lens_from_mask``, once per transformer call: every block receives the same mask
+        tensor, and the check reads it on the host."""
+        cached = self.state.mask_lens
+        if cached is not None and cached[0] is attn_mask and cached[1] == layout:
+            return cached[2]
+        lens = text_lens_from_mask(attn_mask, layout)
+        self.state.mask_lens = (attn_mask, layout, lens)
+        return lens
 
     # --- cross-step cache ------------------------------------------------------------
 

@@ -32,6 +32,7 @@ class GenerationState:
     selections: dict = field(default_factory=dict)  # (layer, branch) -> (step, key, kept blocks)
     cache: dict = field(default_factory=dict)  # (layer, branch) -> step_cache.CacheEntry
     head_refreshes: int = 0  # heads refreshed by the drift gates in this generation
+    mask_lens: tuple | None = None  # (attention mask, layout, text lens) of the current call
     peak_cache_bytes: int = 0
 
     def reset(self) -> None:
@@ -40,6 +41,7 @@ class GenerationState:
         self.selections.clear()
         self.cache.clear()
         self.head_refreshes = 0
+        self.mask_lens = None
 
     def cache_bytes(self) -> int:
         """Bytes held by the step cache now (every layer and CFG branch)."""

@@ -91,11 +91,12 @@ def light_merge(out_in: torch.Tensor, lse_in: torch.Tensor, lse_ext: torch.Tenso
 
 
 def stored(t: torch.Tensor, config: StepCache, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``t`` as the cache keeps it (dtype, device)."""
+    """``t`` as the cache keeps it (dtype, device). The partials are fresh tensors that nothing
+    else writes to, so no copy is made unless the dtype or device changes."""
     t = t.detach().to(dtype or config.store_dtype or t.dtype)
     if config.offload and t.device.type != "cpu":
-        return t.to("cpu", non_blocking=False).pin_memory() if torch.cuda.is_available() else t.cpu()
-    return t.clone() if t.data_ptr() else t
+        return t.to("cpu").pin_memory() if torch.cuda.is_available() else t.cpu()
+    return t
 
 
 def drifted_heads(entry: CacheEntry, out_in: torch.Tensor, lse_in: torch.Tensor, config: StepCache) -> torch.Tensor:
