@@ -114,20 +114,40 @@ def text_key_padding(text_lens: torch.Tensor, layout: TokenLayout) -> torch.Tens
     return ~padded
 
 
-def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, layout: TokenLayout, scale: float | None = None) -> torch.Tensor:
+def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, layout: TokenLayout, scale: float | None = None,
+                  impl: str = "auto") -> torch.Tensor:
     """A dynamic pattern's (BlockTopK, Piecewise) kept blocks ``bool [B, H, NQ, NK]`` over the
     visual tokens of ``q, k [B, S, H, D]``; pass it back as ``attention(..., selection=...)`` to
-    reuse it."""
+    reuse it.
+
+    ``impl`` as in ``attention``: ``"triton"`` runs the selection kernel (pooling, pooled
+    scores, top-k / cdf in one pass per query-block row), ``"reference"`` the torch code of
+    ``BlockTopK.select``, ``"auto"`` the kernel on CUDA and the reference elsewhere. Both break
+    ties between equal scores toward the lower key-block index.
+
+    >>> import torch, diffattn
+    >>> layout = diffattn.TokenLayout((2, 8, 8))
+    >>> q = k = torch.randn(1, layout.seq_len, 2, 32)
+    >>> diffattn.select_blocks(q, k, diffattn.BlockTopK(density=0.5, block=16), layout).shape
+    torch.Size([1, 2, 8, 8])
+    """
     if pattern.static:
         raise ValueError(f"{type(pattern).__name__} is static: its blocks come from build_block_layout")
+    chosen, _ = choose_impl(impl, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     vs, nv = layout.visual_start, layout.num_visual
+    if chosen == "triton":
+        from .kernels.block_selection import block_select
+
+        rule = pattern.selector
+        return block_select(q, k, vs, nv, rule.block, float(scale), rule.keep_count(-(-nv // rule.block)),
+                            rule.cdf or 0.0, rule.keep_diagonal, rule.keep_sink, rule.similarity)
     return pattern.select(q[:, vs : vs + nv], k[:, vs : vs + nv], scale)
 
 
-def _select(pattern: Pattern, q, k, layout: TokenLayout, scale: float, selection=None) -> torch.Tensor:
+def _select(pattern: Pattern, q, k, layout: TokenLayout, scale: float, selection=None, impl: str = "auto") -> torch.Tensor:
     if selection is None:
-        return select_blocks(q, k, pattern, layout, scale)
+        return select_blocks(q, k, pattern, layout, scale, impl)
     nq = -(-layout.num_visual // pattern.block)
     expected = (q.shape[0], q.shape[2], nq, nq)
     if not isinstance(selection, torch.Tensor) or selection.dtype != torch.bool or tuple(selection.shape) != expected:
@@ -152,7 +172,7 @@ def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: flo
         geometry = [0, 0, layout.text_start, layout.text_len, grid_h, grid_w]  # n_vis == 0: every row dense
         mask_kind, params = 0, ()
     elif not pattern.static:
-        keep = _select(pattern, q, k, layout, scale, selection)
+        keep = _select(pattern, q, k, layout, scale, selection, "triton")
         classes = selected_classes(keep, pattern.block, block_q, block_k, layout.num_visual)
         blocks = BlockLayout.from_classes(classes, block_q, block_k, layout.num_visual)
         tensors = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
@@ -171,7 +191,7 @@ def _piecewise_triton(q, k, v, pattern: Piecewise, layout: TokenLayout, scale: f
 
     vs, nv, blk = layout.visual_start, layout.num_visual, pattern.block
     q_vis, k_vis, v_vis = q[:, vs : vs + nv], k[:, vs : vs + nv], v[:, vs : vs + nv]
-    keep = _select(pattern, q, k, layout, scale, selection)
+    keep = _select(pattern, q, k, layout, scale, selection, "triton")
     blocks = BlockLayout.from_classes(selected_classes(keep, blk, blk, blk, nv), blk, blk, nv)
     first_order = pattern.first_order if pattern.order == 1 else None
     stats = block_statistics(k_vis, v_vis, blk, first_order, pattern.rank)
@@ -251,14 +271,15 @@ def attention(
             raise ValueError("text_lens (text padding) is not supported with Piecewise yet")
         if chosen == "reference":
             out, lse = piecewise_attention_reference(q, k, v, pattern, layout, scale=scale,
-                                                     selection=_select(pattern, q, k, layout, scale, selection))
+                                                     selection=_select(pattern, q, k, layout, scale, selection, "reference"))
         else:
             out, lse = _piecewise_triton(q, k, v, pattern, layout, scale, selection)
     elif chosen == "reference":
         if pattern.is_dense:
             mask_mod = None
         elif not pattern.static:
-            mask_mod = sequence_mask_mod(selected_mask_mod(_select(pattern, q, k, layout, scale, selection), pattern.block), layout)
+            keep = _select(pattern, q, k, layout, scale, selection, "reference")
+            mask_mod = sequence_mask_mod(selected_mask_mod(keep, pattern.block), layout)
         else:
             mask_mod = pattern.mask_mod(layout, q.device)
         padding = None if text_lens is None else text_key_padding(text_lens, layout)

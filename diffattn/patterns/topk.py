@@ -8,6 +8,13 @@ least one). Guards: the diagonal block and the first (sink) block are always kep
 ``similarity`` set, a key block whose tokens are not self-similar (mean pairwise cosine below
 it) is kept for every query block, and a query block that is not self-similar keeps every key
 block (their means are poor proxies). Text tokens stay dense. Kept blocks are computed whole.
+
+Ties: blocks with equal scores are ranked by increasing key-block index (a stable descending
+sort), so a tie at the top-k boundary or at the cdf boundary keeps the lower-indexed blocks.
+The top-k mode ranks the logits ``scale * q̄_I . k̄_J`` rather than P (the same order, since
+softmax is monotone, without the ties that rounding in exp can create). The Triton selection
+kernel (``diffattn.kernels.block_selection``) follows the same rules; this torch code is its
+reference.
 """
 
 from __future__ import annotations
@@ -106,19 +113,32 @@ class BlockTopK(Pattern):
     def kernel_block_limit(self) -> int | None:
         return self.block
 
+    @property
+    def selector(self) -> "BlockTopK":
+        """The selection rule (the pattern itself; Piecewise has one too)."""
+        return self
+
+    def keep_count(self, num_key_blocks: int) -> int:
+        """Key blocks kept per query block in the density mode (``ceil(density * NK)``, at least
+        one); 0 in the cdf mode, where the count depends on the scores."""
+        if self.density is None:
+            return 0
+        return min(num_key_blocks, max(1, math.ceil(self.density * num_key_blocks)))
+
     def select(self, q_vis: torch.Tensor, k_vis: torch.Tensor, scale: float) -> torch.Tensor:
-        """Kept key blocks per query block: ``bool [B, H, NQ, NK]`` from visual q, k ``[B, N, H, D]``."""
+        """Kept key blocks per query block: ``bool [B, H, NQ, NK]`` from visual q, k ``[B, N, H, D]``
+        (the torch reference of the selection kernel)."""
         qm = block_means(q_vis, self.block)
         km = block_means(k_vis, self.block)
-        probs = torch.softmax(torch.matmul(qm, km.transpose(-1, -2)) * scale, dim=-1)  # [B, H, NQ, NK]
-        nq, nk = probs.shape[-2:]
+        logits = torch.matmul(qm, km.transpose(-1, -2)) * scale  # [B, H, NQ, NK]
+        nq, nk = logits.shape[-2:]
         if self.density is not None:
-            count = min(nk, max(1, math.ceil(self.density * nk)))
-            top = probs.topk(count, dim=-1).indices
-            keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)
+            ranked = logits.sort(dim=-1, descending=True, stable=True).indices  # ties: lower index first
+            keep = torch.zeros_like(logits, dtype=torch.bool)
+            keep.scatter_(-1, ranked[..., : self.keep_count(nk)], True)
         else:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            before = sorted_p.cumsum(-1) - sorted_p  # mass of the blocks ranked above
+            sorted_p, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True, stable=True)
+            before = torch.nn.functional.pad(sorted_p.cumsum(-1)[..., :-1], (1, 0))  # mass ranked above
             chosen = before < self.cdf  # the first block always; then until cdf is reached
             keep = torch.zeros_like(chosen).scatter_(-1, order, chosen)
         if self.keep_diagonal:
