@@ -186,7 +186,8 @@ def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: flo
     return block_sparse_attention(q, k, v, *tensors, geometry, window, mask_kind, scale, block_q, block_k, text_lens)
 
 
-def _piecewise_triton(q, k, v, pattern: Piecewise, layout: TokenLayout, scale: float, selection=None) -> tuple:
+def _piecewise_triton(q, k, v, pattern: Piecewise, layout: TokenLayout, scale: float, selection=None,
+                      text_lens=None) -> tuple:
     from .kernels import piecewise_attention
 
     vs, nv, blk = layout.visual_start, layout.num_visual, pattern.block
@@ -208,7 +209,7 @@ def _piecewise_triton(q, k, v, pattern: Piecewise, layout: TokenLayout, scale: f
     return piecewise_attention(
         q, k, v, blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx, keep.to(torch.int8),
         stats["k_mean"], stats["v_sum"], stats["size"], h_mat, h_norm,
-        [vs, nv, layout.text_start, layout.text_len], scale, blk, kind, norm)
+        [vs, nv, layout.text_start, layout.text_len], scale, blk, kind, norm, text_lens)
 
 
 def attention(
@@ -267,13 +268,12 @@ def attention(
         logger.debug("diffattn.attention: %s (%s)", chosen, why)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if isinstance(pattern, Piecewise):
-        if text_lens is not None:
-            raise ValueError("text_lens (text padding) is not supported with Piecewise yet")
         if chosen == "reference":
-            out, lse = piecewise_attention_reference(q, k, v, pattern, layout, scale=scale,
+            padding = None if text_lens is None else text_key_padding(text_lens, layout)
+            out, lse = piecewise_attention_reference(q, k, v, pattern, layout, scale=scale, key_padding=padding,
                                                      selection=_select(pattern, q, k, layout, scale, selection, "reference"))
         else:
-            out, lse = _piecewise_triton(q, k, v, pattern, layout, scale, selection)
+            out, lse = _piecewise_triton(q, k, v, pattern, layout, scale, selection, text_lens)
     elif chosen == "reference":
         if pattern.is_dense:
             mask_mod = None

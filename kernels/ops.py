@@ -190,6 +190,7 @@ def piecewise_attention(
     block: int,
     first_order: int,
     first_order_norm: float,
+    text_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Piecewise attention forward (see ``piecewise_attention.py``).
 
@@ -202,6 +203,8 @@ def piecewise_attention(
         h_norm: ``float32 [B, H, NQ]`` (pooled) or unused.
         geometry: ``[vis_start, n_vis, text_start, text_len]``.
         first_order: 0 none, 1 pooled, 2 shared (divided by ``first_order_norm``).
+        text_lens: optional ``int [B]``: attended text tokens per batch row (the rest of the text
+            segment is padding, masked for every query).
     """
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     batch, seq_len, heads, head_dim = q.shape
@@ -213,9 +216,14 @@ def piecewise_attention(
     n_vis_q_blocks = triton.cdiv(n_vis, block)
     grid = grid_for(n_vis_q_blocks, text_len, block, batch * heads)
     h_stride_m = h_mat.stride(2) if h_mat.dim() == 5 else 0
+    if text_lens is not None:
+        if text_lens.shape != (batch,) or text_lens.device != q.device:
+            raise ValueError(f"text_lens must be [B={batch}] on {q.device}, got {tuple(text_lens.shape)} on {text_lens.device}")
+        text_lens = text_lens.to(torch.int32)
     piecewise_attn_fwd_kernel[grid](
         q, k, v, out, lse,
         full_num, full_idx, part_num, part_idx, keep, k_mean, v_sum, size, h_mat, h_norm,
+        full_num if text_lens is None else text_lens,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -236,6 +244,7 @@ def piecewise_attention(
         BLOCK_N=block,
         BLOCK_J=64,
         FIRST_ORDER=first_order,
+        HAS_TEXT_LENS=text_lens is not None,
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **({} if interpreting() else {"num_warps": 4, "num_stages": 2}),
@@ -245,6 +254,6 @@ def piecewise_attention(
 
 @piecewise_attention.register_fake
 def _(q, k, v, full_num, full_idx, part_num, part_idx, keep, k_mean, v_sum, size, h_mat, h_norm, geometry, scale,
-      block, first_order, first_order_norm):
+      block, first_order, first_order_norm, text_lens=None):
     batch, seq_len, heads, _ = q.shape
     return torch.empty_like(q), q.new_empty((batch, seq_len, heads), dtype=torch.float32)

@@ -13,6 +13,8 @@ One program computes one query block (= one selection block) of one (batch, head
 
 Exact and approximate denominators are kept apart (the first-order term needs the approximate
 one) and both are rescaled whenever the running maximum moves. Text query blocks are dense.
+With ``HAS_TEXT_LENS`` only the first ``TextLens[b]`` text keys of batch row ``b`` are attended
+(visual and text queries alike); the rest of the text segment is padding.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .block_sparse_attention import _attend_block, _attend_range, _store_rows
 @triton.jit
 def piecewise_attn_fwd_kernel(
     Q, K, V, Out, Lse,
-    FullNum, FullIdx, PartNum, PartIdx, Keep, KMean, VSum, Size, HMat, HNorm,
+    FullNum, FullIdx, PartNum, PartIdx, Keep, KMean, VSum, Size, HMat, HNorm, TextLens,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -42,7 +44,8 @@ def piecewise_attn_fwd_kernel(
     num_heads, seq_len, vis_start, n_vis, text_start, text_len, n_vis_q_blocks, n_k_blocks,
     qk_scale, sm_scale, first_order_norm,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_J: tl.constexpr, FIRST_ORDER: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_J: tl.constexpr, FIRST_ORDER: tl.constexpr, HAS_TEXT_LENS: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -68,6 +71,14 @@ def piecewise_attn_fwd_kernel(
         q = q.to(tl.float32)
     k_ptrs = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_d[:, None]
     v_ptrs = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_d[None, :]
+
+    text_end = text_start + text_len  # text keys in [text_stop, text_end) are padding of this batch row
+    if HAS_TEXT_LENS:
+        text_stop = text_start + tl.minimum(tl.load(TextLens + b), text_len)
+        dense_stop = text_stop  # text queries: [0, text_stop), then [text_end, seq_len)
+    else:
+        text_stop = text_end
+        dense_stop = seq_len
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)  # exact denominator
@@ -118,15 +129,15 @@ def piecewise_attn_fwd_kernel(
             acc, l_i, m_i, l_apx = _rescaled_block(acc, l_i, m_i, l_apx, q, k_ptrs, v_ptrs, offs_d, vis_start + start,
                                                    key_mask, seq_len, stride_ks, stride_vs, qk_scale,
                                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
-        n_whole = text_len // BLOCK_N
+        n_whole = (text_stop - text_start) // BLOCK_N
         for i in range(n_whole):
             acc, l_i, m_i, l_apx = _rescaled_block(acc, l_i, m_i, l_apx, q, k_ptrs, v_ptrs, offs_d,
                                                    text_start + i * BLOCK_N, no_mask, seq_len,
                                                    stride_ks, stride_vs, qk_scale,
                                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, UPCAST, DOT_PRECISION)
         tail = text_start + n_whole * BLOCK_N
-        if tail < text_start + text_len:
-            in_range = (tail + tl.arange(0, BLOCK_N)) < text_start + text_len
+        if tail < text_stop:
+            in_range = (tail + tl.arange(0, BLOCK_N)) < text_stop
             key_mask = tl.broadcast_to(in_range[None, :], (BLOCK_M, BLOCK_N))
             acc, l_i, m_i, l_apx = _rescaled_block(acc, l_i, m_i, l_apx, q, k_ptrs, v_ptrs, offs_d, tail,
                                                    key_mask, seq_len, stride_ks, stride_vs, qk_scale,
@@ -145,10 +156,14 @@ def piecewise_attn_fwd_kernel(
             qh = tl.dot(q.to(tl.float32), hm, input_precision="ieee")  # [BM, BD]
             acc += (sm_scale * l_apx / norm)[:, None] * qh
         l_i = l_i + l_apx
-    else:
-        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, 0, seq_len,
+    else:  # text query: every key but the padding [text_stop, text_end)
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, 0, dense_stop,
                                       stride_ks, stride_vs, qk_scale,
                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+        if HAS_TEXT_LENS:
+            acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_end, seq_len,
+                                          stride_ks, stride_vs, qk_scale,
+                                          HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
 
     _store_rows(Out, Lse, acc, l_i, m_i, b, h, rows, row_valid, offs_d,
                 stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, HEAD_DIM)

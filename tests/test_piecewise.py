@@ -103,6 +103,55 @@ def test_error_ordering_on_structured_inputs():
     assert err["shared"] > err["pooled"]
 
 
+PADDED_LAYOUTS = [TokenLayout((3, 5, 9), text_len=21), TokenLayout((3, 5, 9), text_len=21, text_first=False)]
+
+
+def padded_inputs(layout, text_lens):
+    """Structured q, k, v whose padded text keys hold huge values: any leak shows."""
+    q, k, v = structured_qkv(layout, batch=len(text_lens), heads=2, head_dim=16, sharpness=3)
+    lens = torch.tensor(text_lens)
+    for b, n in enumerate(text_lens):
+        pad = slice(layout.text_start + n, layout.text_start + layout.text_len)
+        k[b, pad], v[b, pad] = 30.0, 1e3
+    return q, k, v, lens
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=pytest.mark.skipif(not INTERPRET, reason="interpreter"))])
+@pytest.mark.parametrize("layout", PADDED_LAYOUTS, ids=str)
+def test_text_padding_density_one_is_dense_with_key_padding(layout, impl):
+    q, k, v, lens = padded_inputs(layout, [5, 21, 0])
+    out, lse = diffattn.attention(q, k, v, Piecewise(1.0, block=16), layout=layout, impl=impl, text_lens=lens, return_lse=True)
+    want, want_lse = diffattn.attention(q, k, v, Dense(), layout=layout, impl="reference", text_lens=lens, return_lse=True)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("pattern", [Piecewise(0.3, block=16, order=0), Piecewise(0.3, block=16, first_order="shared"),
+                                     Piecewise(0.3, block=16), Piecewise(0.3, block=16, first_order="exact")], ids=str)
+def test_text_padding_is_excluded_everywhere(pattern):
+    """Padded text keys change nothing, for visual and text queries: the output equals the
+    output on the sequence with the padding cut out."""
+    layout = TokenLayout((3, 5, 9), text_len=21, text_first=False)
+    q, k, v, lens = padded_inputs(layout, [7])
+    out = diffattn.attention(q, k, v, pattern, layout=layout, impl="reference", text_lens=lens)
+    short = TokenLayout((3, 5, 9), text_len=7, text_first=False)
+    keep = short.seq_len
+    want = diffattn.attention(q[:, :keep], k[:, :keep], v[:, :keep], pattern, layout=short, impl="reference")
+    torch.testing.assert_close(out[:, :keep], want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="kernel under the interpreter")
+@pytest.mark.parametrize("pattern", [Piecewise(0.3, block=16, order=0), Piecewise(0.3, block=16, first_order="shared"),
+                                     Piecewise(0.3, block=16)], ids=str)
+@pytest.mark.parametrize("layout", PADDED_LAYOUTS, ids=str)
+def test_text_padding_kernel_matches_reference(pattern, layout):
+    q, k, v, lens = padded_inputs(layout, [5, 21, 0])
+    a, la = diffattn.attention(q, k, v, pattern, layout=layout, impl="triton", text_lens=lens, return_lse=True)
+    b, lb = diffattn.attention(q, k, v, pattern, layout=layout, impl="reference", text_lens=lens, return_lse=True)
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(la, lb, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(density=0.0), r"density must be in \(0, 1\]"),
     (dict(density=2.0), r"density must be in \(0, 1\]"),

@@ -143,9 +143,12 @@ def pooled_first_order(q_vis: torch.Tensor, keep: torch.Tensor, stats: dict, blo
 
 def piecewise_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Piecewise, layout, *, scale: float | None = None,
-    chunk: int = 256, selection: torch.Tensor | None = None,
+    chunk: int = 256, selection: torch.Tensor | None = None, key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of Piecewise attention on ``[B, S, H, D]`` (text tokens exact and dense).
+
+    ``key_padding``: optional ``bool [B, S]``, False on padded text keys, which no query attends
+    (visual keys must stay True: they are approximated by block, not masked).
 
     Returns ``out [B, S, H, D]`` and ``lse [B, S, H]`` (float32; the log of the approximate
     softmax denominator).
@@ -174,6 +177,8 @@ def piecewise_attention_reference(
         qblock = torch.clamp(idx - vs, 0, nv - 1) // blk
         crit = keep[:, :, qblock][..., key_block]  # [B, H, C, S]: exact visual keys of each query
         crit = crit | text[None, None, None, :] | is_text_q[None, None, :, None]
+        if key_padding is not None:
+            crit = crit & key_padding[:, None, None, :]
         scores = scores.masked_fill(~crit, float("-inf"))
         logits = qc @ stats["k_mean"].transpose(-1, -2) * scale  # [B, H, C, NK]
         approx = ~keep[:, :, qblock] & ~is_text_q[None, None, :, None]  # [B, H, C, NK]
