@@ -132,10 +132,37 @@ def cmd_generate(args) -> int:
         method = resolve_method(args.method, preset=preset, preset_name=args.preset, allow_presets=False,
                                 dense_steps=args.dense_steps, dense_layers=args.dense_layers,
                                 dense_last_steps=args.dense_last_steps)
+        highres = _highres_config(args, method)
         generate(prompts=prompts, seed=args.seed, method=method, model=args.model, preset=preset,
                  preset_name=args.preset, settings_cli=settings, out=args.out, impl=args.impl, device=args.device,
-                 dtype=args.dtype, fps=args.fps, progress=not args.no_progress, cache=args.step_cache)
+                 dtype=args.dtype, fps=args.fps, progress=not args.no_progress, cache=args.step_cache,
+                 upscale=args.upscale, highres=highres)
     return 0
+
+
+def _highres_config(args, method):
+    """The ``--upscale`` / ``--highres`` settings as a ``HighResConfig`` (None without --upscale)."""
+    if args.upscale is None:
+        if args.highres is not None:
+            raise CliError("--highres needs --upscale FACTOR")
+        return None
+    import math
+
+    if not math.isfinite(args.upscale) or args.upscale <= 1:
+        raise CliError(f"--upscale must be a factor > 1 of the native frame size, got {args.upscale:g}")
+    if not method.plain_dense:
+        raise CliError("--upscale runs its own inward window on the high-resolution pass; leave --method out "
+                       "(or dense) and set the window with --highres window=HxW")
+    if args.step_cache is not None:
+        raise CliError("--cache does not combine with --upscale (the high-resolution pass has its own cache: "
+                       "--highres guide_every=K)")
+    from .pipelines.highres import parse_highres_config
+
+    try:
+        overrides = {} if "impl=" in (args.highres or "") else {"impl": args.impl}
+        return parse_highres_config(args.highres, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"--highres: {exc}") from None
 
 
 def cmd_compare(args) -> int:
@@ -143,8 +170,6 @@ def cmd_compare(args) -> int:
     from .generate import is_embedded, load_preset, read_prompts, resolve_method
 
     settings = _check_generation_args(args)
-    if args.step_cache is not None:
-        raise CliError("--cache is not supported by compare yet; run 'diffattn generate --cache' per setting")
     with _user_errors_as_cli():
         (prompt,) = read_prompts(args.prompt, None)
         preset = load_preset(args.preset) if args.preset else None
@@ -162,7 +187,7 @@ def cmd_compare(args) -> int:
         run_compare(prompt=prompt, seed=args.seed, methods=methods, model=args.model, preset=preset,
                     preset_name=args.preset, settings_cli=settings, out=args.out, impl=args.impl, device=args.device,
                     dtype=args.dtype, attn_step=args.attn_step, repeats=args.repeats, warmup=not args.no_warmup,
-                    fps=args.fps or 16.0, progress=not args.no_progress)
+                    fps=args.fps or 16.0, progress=not args.no_progress, cache=args.step_cache)
     return 0
 
 
@@ -292,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", nargs="+", metavar="PATH",
                      help="output: a folder (default outputs/generate), or files by extension: .mp4 and/or .gif "
                           "for videos, .png for images (a contact sheet for videos); the JSON goes beside")
+    gen.add_argument("--upscale", type=float, metavar="FACTOR",
+                     help="training-free high resolution (FreeSwim): generate at the native size, upscale the "
+                          "frames by FACTOR and refine them at FACTOR x the size with an inward sliding window "
+                          "and a cached full-attention branch")
+    gen.add_argument("--highres", metavar="CONFIG",
+                     help="with --upscale: 'strength=0.7,guide_every=2,window=31x53,scale=auto,flow_shift=9,"
+                          "attention=freeswim|window|dense,steps=N,interpolation=linear,store_dtype=bfloat16,"
+                          "offload=true' (every key optional; defaults: FreeSwim's)")
     gen.set_defaults(func=cmd_generate)
 
     cmp = sub.add_parser(

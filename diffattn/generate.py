@@ -890,6 +890,12 @@ def layout_record(method: Method, layout, num_steps: int | None, layers: list[in
             "effective_attended_fraction": effective_density(method, layout, num_steps or 0, layers)}
 
 
+def frames_record(frames: np.ndarray, fps: float) -> dict:
+    """Frame count, size and frame rate (None for a single image) of written frames ``[F, H, W, 3]``."""
+    return {"frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+            "fps": fps if frames.shape[0] > 1 else None}
+
+
 def cache_record(handle) -> dict:
     """The step cache's settings and memory for the JSON record."""
     cache = getattr(handle, "cache", None)
@@ -910,14 +916,29 @@ def cache_record(handle) -> dict:
 def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | None = None, preset=None,
              preset_name: str | None = None, settings_cli: dict | None = None, out: list[str] | None = None,
              impl: str = "auto", device: str | None = None, dtype: str = "auto", fps: float | None = None,
-             progress: bool = True, log: Callable = print, cache=None) -> list[dict]:
-    """Generate one output per prompt; returns the JSON records written."""
+             progress: bool = True, log: Callable = print, cache=None, upscale: float | None = None,
+             highres=None) -> list[dict]:
+    """Generate one output per prompt; returns the JSON records written.
+
+    ``upscale``: training-free high resolution (``diffattn.pipelines.highres``): each output is
+    generated at the native size, upscaled by this factor and refined with FreeSwim's window and
+    full branches (``highres``: a ``HighResConfig``, default FreeSwim's); ``method`` must be dense.
+    """
     from .attention import choose_impl
 
     t_start = time.perf_counter()
     plans = plan_outputs(out, prompts)
+    if upscale is not None and (not method.plain_dense or cache is not None):
+        raise UserError("--upscale runs its own attention on the high-resolution pass: use a dense method and no --cache")
     target = load_target(model, preset, device=device, dtype=dtype, log=log)
     settings = generation_settings(target, preset, **(settings_cli or {}))
+    if upscale is not None:
+        from .upscale import generate_highres_outputs
+
+        records = generate_highres_outputs(target, prompts, plans, settings, seed=seed, upscale=upscale,
+                                           config=highres, fps=fps, progress=progress, log=log)
+        log(f"done in {time.perf_counter() - t_start:.1f} s")
+        return records
     check_fits(method, predict_grid(target.pipe, settings))
     if cache is not None and method.plain_dense:
         raise UserError("--cache needs a sparse method: dense attention has nothing to reuse")
@@ -950,8 +971,7 @@ def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | 
             "settings": settings,
             **layout_record(method, result.layout,
                             settings.get("num_inference_steps") or len(result.timings.get("steps", [])), layers),
-            "frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
-            "fps": fps if frames.shape[0] > 1 else None,
+            **frames_record(frames, fps),
             "cache": cache_record(handle),
             "timings_s": _round_timings({"load": target.load_s, **result.timings}),
             "timings_note": ("generate = the pipeline call (text encoding, denoising, decoding); steps[0] runs from "

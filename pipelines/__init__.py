@@ -6,6 +6,7 @@ from .embedded import (
     build_embedded_wan_pipeline,
     save_embedded_wan_pipeline,
 )
+from .highres import HighResConfig, HighResResult, generate_highres, parse_highres_config
 from .load import (
     EMBEDDED_MARK,
     GENERATION_KEYS,
@@ -21,9 +22,13 @@ __all__ = [
     "GENERATION_KEYS",
     "PIPELINE_CLASSES",
     "EmbeddedDefaults",
+    "HighResConfig",
+    "HighResResult",
     "build_embedded_wan_pipeline",
     "family_of",
+    "generate_highres",
     "is_embedded",
     "load_pipeline",
+    "parse_highres_config",
     "save_embedded_wan_pipeline",
 ]

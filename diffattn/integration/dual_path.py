@@ -1,0 +1,237 @@
+"""FreeSwim's dual path on a Wan transformer: a window branch and a full-attention branch
+(arXiv 2511.14712, METHODS section 2).
+
+Above its training resolution every self-attention query of the *window branch* attends an
+inward-shifted spatial window of the training-resolution token extent over all frames
+(``SlidingWindow((None, kh, kw))``), so its receptive field stays at the training scale. The
+*full branch* runs the same latents through full self-attention. Its text cross-attention
+output replaces the window branch's in every block (the cross-attention override), so the
+semantics come from a full receptive field while the details come from the window.
+
+The full branch is only computed on guide steps (every ``guide_every`` steps, starting with the
+first); in between, the window branch replays the per-block cross-attention outputs recorded at
+the last guide step. The unconditional (negative-prompt) pass of classifier-free guidance runs
+the window branch alone with its own cross-attention, as in the original. Both branches scale
+their self-attention logits by ``scale_factor`` (FreeSwim's attention-scale correction).
+
+Installed with :meth:`DualPath.install` through diffusers' public extension points only
+(``set_attn_processor`` via ``diffattn.apply``); the caller's denoising loop runs each
+transformer call through :meth:`DualPath.conditional` or :meth:`DualPath.unconditional`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from ..patterns.window import SlidingWindow
+from .cross_attention_override import CrossAttentionOverride, CrossAttentionStore
+
+__all__ = ["BRANCHES", "BranchCore", "DualPath"]
+
+BRANCHES = ("window", "full")
+WAN_TRANSFORMERS = ("WanTransformer3DModel",)
+
+
+class BranchCore:
+    """Stands in for a processor's ``SparseAttentionCore``: the window branch (the wrapped core's
+    sparse attention) or the full branch (dense attention through diffusers' dispatcher), with the
+    logits scaled by ``scale_factor``.
+
+    Args:
+        inner: the processor's ``SparseAttentionCore``.
+        scale_factor: multiplies the softmax scale ``D ** -0.5`` of both branches. 1.0 = none.
+
+    ``branch`` (attribute, default ``"window"``): which branch the next calls compute.
+    """
+
+    def __init__(self, inner, scale_factor: float = 1.0):
+        self.inner = inner
+        self.scale_factor = float(scale_factor)
+        self.branch = "window"
+
+    def __getattr__(self, name):  # layer, state, pattern, ... are the wrapped core's
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend=None, parallel_config=None,
+               attn_mask: torch.Tensor | None = None, visual_only: bool = False) -> torch.Tensor:
+        """``[B, S, H, D]`` in, ``[B, S, H, D]`` out."""
+        if self.branch == "full":
+            return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
+                                         scale=self.scale_factor * q.shape[-1] ** -0.5, backend=backend,
+                                         parallel_config=parallel_config)
+        if self.scale_factor != 1.0:
+            q = q * self.scale_factor  # (s q) . k = s (q . k): the wrapped core keeps its D ** -0.5
+        return self.inner.attend(q, k, v, backend=backend, parallel_config=parallel_config, attn_mask=attn_mask,
+                                 visual_only=visual_only)
+
+
+def _check_guide_every(guide_every) -> None:
+    if guide_every is not None and (isinstance(guide_every, bool) or not isinstance(guide_every, int) or guide_every < 1):
+        raise ValueError(f"guide_every must be an int >= 1 (the full branch runs every k steps) or None "
+                         f"(window branch only), got {guide_every!r}")
+
+
+class DualPath:
+    """The window and full branches installed on one Wan transformer.
+
+    Build it with :meth:`install`; run the denoising loop's transformer calls through
+    :meth:`conditional` (prompt pass) and :meth:`unconditional` (negative-prompt pass);
+    :meth:`remove` restores diffusers' processors.
+
+    Attributes:
+        guide_every: the full branch runs at steps ``0, k, 2k, ...`` of the conditional pass;
+            None: never (the window branch alone, with its own cross-attention).
+        store: the recorded per-block cross-attention outputs of the full branch.
+        full_passes, window_passes: transformer calls of each branch so far.
+    """
+
+    def __init__(self, transformer, handle, cores: list[BranchCore], overrides: list[CrossAttentionOverride],
+                 store: CrossAttentionStore, guide_every: int | None):
+        self.transformer = transformer
+        self.handle = handle
+        self.cores = cores
+        self.overrides = overrides
+        self.store = store
+        self.guide_every = guide_every
+        self.full_passes = 0
+        self.window_passes = 0
+        self._guided_step: int | None = None
+
+    @classmethod
+    def install(cls, transformer: torch.nn.Module, window: SlidingWindow, *, guide_every: int | None = 2,
+                scale_factor: float = 1.0, store_dtype: torch.dtype | None = None, offload: bool = False,
+                impl: str = "auto") -> "DualPath":
+        """Install the dual path on ``transformer`` (a ``WanTransformer3DModel``).
+
+        Args:
+            window: the window branch's self-attention pattern, e.g. ``SlidingWindow((None, 31, 53))``.
+            guide_every: run the full branch every k conditional steps; None: never. Default 2.
+            scale_factor: multiplies both branches' softmax scale. Default 1.0.
+            store_dtype, offload: how the recorded cross-attention outputs are kept
+                (:class:`CrossAttentionStore`).
+            impl: the window branch's attention implementation (``diffattn.attention``).
+
+        >>> from diffusers import WanTransformer3DModel
+        >>> from diffattn import SlidingWindow
+        >>> model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...                               out_channels=4, text_dim=8, freq_dim=8, ffn_dim=16, num_layers=2)
+        >>> dual = DualPath.install(model, SlidingWindow((None, 3, 3)), guide_every=2)
+        >>> dual
+        DualPath(window=SlidingWindow(window=(None, 3, 3), stride=1, dilation=1), guide_every=2, scale_factor=1.0, 2 blocks)
+        >>> dual.remove()
+        """
+        from .apply import apply
+
+        name = type(transformer).__name__
+        if name not in WAN_TRANSFORMERS:
+            raise ValueError(f"the dual path (FreeSwim) supports Wan transformers ({', '.join(WAN_TRANSFORMERS)}), "
+                             f"got {name}")
+        if not isinstance(window, SlidingWindow):
+            raise TypeError(f"window must be a diffattn.SlidingWindow, got {type(window).__name__}")
+        _check_guide_every(guide_every)
+        if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)) or not 0 < scale_factor < float("inf"):
+            raise ValueError(f"scale_factor must be a positive number, got {scale_factor!r}")
+        store = CrossAttentionStore(store_dtype, offload)
+        handle = apply(transformer, window, impl=impl)
+        processors = dict(transformer.attn_processors)
+        cores, overrides = [], []
+        for layer, block in enumerate(transformer.blocks):
+            self_name, cross_name = f"blocks.{layer}.attn1.processor", f"blocks.{layer}.attn2.processor"
+            proc = processors[self_name]
+            proc.core = BranchCore(proc.core, scale_factor)
+            cores.append(proc.core)
+            override = CrossAttentionOverride(processors[cross_name], layer, store)
+            processors[cross_name] = override
+            overrides.append(override)
+        transformer.set_attn_processor(processors)
+        return cls(transformer, handle, cores, overrides, store, guide_every)
+
+    # --- branch switching -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _branch(self, branch: str, cross: str):
+        for core in self.cores:
+            core.branch = branch
+        for override in self.overrides:
+            override.mode = cross
+        try:
+            yield
+        finally:
+            for core in self.cores:
+                core.branch = "window"
+            for override in self.overrides:
+                override.mode = "pass"
+
+    def is_guide_step(self, step: int) -> bool:
+        """Whether the full branch runs at conditional step ``step`` (0-based)."""
+        return self.guide_every is not None and step % self.guide_every == 0
+
+    def conditional(self, run: Callable[[], torch.Tensor], step: int) -> torch.Tensor:
+        """The prompt pass of denoising step ``step``: ``run()`` calls the transformer once per
+        branch needed; returns the window branch's output.
+
+        On a guide step the full branch runs first and records its cross-attention outputs; the
+        window branch then uses them in place of its own. Between guide steps the window branch
+        replays the outputs of the last guide step.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if self.guide_every is None:
+            return self.unconditional(run)
+        if self.is_guide_step(step):
+            with self._branch("full", "record"):
+                run()
+            self.full_passes += 1
+            self._guided_step = step
+        elif self._guided_step is None:
+            raise RuntimeError(f"step {step} is not a guide step (every {self.guide_every}) and no guide step ran "
+                               "before it: start the conditional passes at step 0")
+        with self._branch("window", "replace"):
+            out = run()
+        self.window_passes += 1
+        return out
+
+    def unconditional(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A pass of the window branch alone, with its own cross-attention (classifier-free
+        guidance's negative-prompt pass, and every pass when ``guide_every`` is None)."""
+        with self._branch("window", "pass"):
+            out = run()
+        self.window_passes += 1
+        return out
+
+    # --- bookkeeping ------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the recorded outputs and counters (a new generation)."""
+        self.store.clear()
+        self.store.peak_bytes = 0
+        self.full_passes = self.window_passes = 0
+        self._guided_step = None
+
+    def remove(self) -> None:
+        """Restore the processors the transformer had before :meth:`install`."""
+        from .apply import remove
+
+        self.store.clear()
+        remove(self.transformer)
+
+    def record(self) -> dict:
+        """Settings, pass counts and cache memory for a JSON record."""
+        store = self.store
+        return {"guide_every": self.guide_every, "scale_factor": self.cores[0].scale_factor if self.cores else None,
+                "full_passes": self.full_passes, "window_passes": self.window_passes,
+                "cross_cache": {"store_dtype": str(store.store_dtype).replace("torch.", "") if store.store_dtype else None,
+                                "offload": store.offload, "peak_bytes": store.peak_bytes,
+                                "blocks": len(self.overrides),
+                                "peak_bytes_per_block": store.peak_bytes // max(len(self.overrides), 1)}}
+
+    def __repr__(self) -> str:
+        factor = self.cores[0].scale_factor if self.cores else None
+        return (f"DualPath(window={self.handle.pattern}, guide_every={self.guide_every}, scale_factor={factor}, "
+                f"{len(self.cores)} blocks)")

@@ -1,0 +1,354 @@
+"""Training-free high resolution (FreeSwim): window branch, full branch, cross-attention override,
+guide-step reuse, the pipeline and the CLI."""
+
+import doctest
+import importlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from diffattn import SlidingWindow, TokenLayout
+from diffattn.integration.core import Schedule, SparseAttentionCore
+from diffattn.integration.cross_attention_override import CrossAttentionOverride
+from diffattn.integration.dual_path import BranchCore, DualPath
+from diffattn.integration.state import GenerationState
+from diffattn.pipelines.highres import (
+    HighResConfig,
+    cross_cache_bytes,
+    default_scale_factor,
+    default_window,
+    generate_highres,
+    parse_highres_config,
+    target_size,
+)
+
+GRID = (2, 6, 6)  # latent [1, 4, 2, 12, 12] with 1x2x2 patches
+
+
+def tiny_wan(seed=0, layers=2):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                      text_dim=8, freq_dim=8, ffn_dim=32, num_layers=layers, cross_attn_norm=True,
+                                      qk_norm="rms_norm_across_heads")
+    return model.eval()
+
+
+def inputs(seed=0, t=500.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, GRID[0], GRID[1] * 2, GRID[2] * 2, generator=g)
+    text = torch.randn(1, 5, 8, generator=g)
+    return x, torch.tensor([t]), text
+
+
+def call(model, x, t, text):
+    with torch.no_grad():
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+
+def record_cross(model):
+    """Forward hooks that collect every attn2 module output, per call, in block order."""
+    calls = []
+
+    def hook(module, args, output):
+        calls.append(output.detach().clone())
+
+    handles = [block.attn2.register_forward_hook(hook) for block in model.blocks]
+    return calls, handles
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from diffattn.pipelines import build_embedded_wan_pipeline
+
+    return build_embedded_wan_pipeline(seed=0)
+
+
+# --- the branches -----------------------------------------------------------------------------
+
+
+def test_window_covering_the_grid_equals_full_attention():
+    model = tiny_wan()
+    x, t, text = inputs()
+    dense = call(model, x, t, text)
+    dual = DualPath.install(model, SlidingWindow((None, GRID[1], GRID[2])), guide_every=None, scale_factor=1.0,
+                            impl="reference")
+    window_only = dual.unconditional(lambda: call(model, x, t, text))
+    dual.remove()
+    torch.testing.assert_close(window_only, dense, rtol=1e-5, atol=1e-5)
+    # With both branches equal, the override replaces a block's cross-attention by the same values.
+    dual = DualPath.install(model, SlidingWindow((None, GRID[1], GRID[2])), guide_every=1, scale_factor=1.0,
+                            impl="reference")
+    both = dual.conditional(lambda: call(model, x, t, text), 0)
+    dual.remove()
+    torch.testing.assert_close(both, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(call(model, x, t, text), dense, rtol=0, atol=0)  # removed cleanly
+
+
+def test_small_window_differs_from_full_attention():
+    model = tiny_wan()
+    x, t, text = inputs()
+    dual = DualPath.install(model, SlidingWindow((None, 3, 3)), guide_every=None, scale_factor=1.0, impl="reference")
+    out = dual.unconditional(lambda: call(model, x, t, text))
+    dual.remove()
+    assert (out - call(model, x, t, text)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("branch", ["window", "full"])
+def test_scale_factor_multiplies_the_softmax_scale(branch):
+    layout = TokenLayout(GRID)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, layout.seq_len, 2, 16, generator=g) for _ in range(3))
+    core = SparseAttentionCore(SlidingWindow((None, GRID[1], GRID[2])), Schedule(), 0,
+                               GenerationState(layout=layout), "reference")
+    wrapped = BranchCore(core, scale_factor=1.7)
+    wrapped.branch = branch
+    out = wrapped.attend(q, k, v)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.7 / 4.0).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_override_replaces_window_cross_attention_with_the_full_branchs():
+    """Reference built from plain forward hooks: a full-attention pass records each block's
+    cross-attention output, then a window pass has them substituted."""
+    model = tiny_wan()
+    x, t, text = inputs()
+    window = SlidingWindow((None, 3, 3))
+    factor = 1.3
+    # Reference, step by step: the full branch is dense attention with the scale factor.
+    dual = DualPath.install(model, window, guide_every=None, scale_factor=factor, impl="reference")
+    for core in dual.cores:
+        core.branch = "full"
+    calls, handles = record_cross(model)
+    call(model, x, t, text)
+    for h in handles:
+        h.remove()
+    for core in dual.cores:
+        core.branch = "window"
+    replace = [block.attn2.register_forward_hook(lambda m, a, o, i=i: calls[i]) for i, block in enumerate(model.blocks)]
+    reference = call(model, x, t, text)
+    for h in replace:
+        h.remove()
+    dual.remove()
+
+    dual = DualPath.install(model, window, guide_every=1, scale_factor=factor, impl="reference")
+    out = dual.conditional(lambda: call(model, x, t, text), 0)
+    assert (dual.full_passes, dual.window_passes) == (1, 1)
+    dual.remove()
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_guide_steps_reuse_exactly_what_the_full_branch_computed(k):
+    model = tiny_wan()
+    dual = DualPath.install(model, SlidingWindow((None, 3, 3)), guide_every=k, scale_factor=1.0, impl="reference")
+    calls, handles = record_cross(model)
+    full_at, used_at = {}, {}
+    steps = 5
+    for step in range(steps):
+        x, t, text = inputs(seed=step, t=900.0 - 100 * step)
+        before = len(calls)
+        dual.conditional(lambda: call(model, x, t, text), step)
+        outputs = calls[before:]
+        if dual.is_guide_step(step):  # full pass (recorded) then window pass (replayed)
+            full_at[step], used_at[step] = outputs[:2], outputs[2:]
+        else:
+            used_at[step] = outputs
+    for h in handles:
+        h.remove()
+    assert dual.full_passes == len(range(0, steps, k)) and dual.window_passes == steps
+    for step in range(steps):
+        guide = step - step % k
+        for used, computed in zip(used_at[step], full_at[guide]):
+            assert torch.equal(used, computed)
+    if k == 1:
+        assert not torch.equal(full_at[0][0], full_at[1][0])  # every step computes its own
+    dual.remove()
+
+
+def test_store_dtype_and_offload_account_for_memory():
+    model = tiny_wan()
+    x, t, text = inputs()
+    seq, channels = math.prod(GRID), 32
+    results = {}
+    for dtype, offload in ((None, False), (torch.float16, True)):
+        dual = DualPath.install(model, SlidingWindow((None, 3, 3)), guide_every=2, store_dtype=dtype, offload=offload,
+                                impl="reference")
+        results[dtype] = dual.conditional(lambda: call(model, x, t, text), 0)
+        itemsize = 2 if dtype == torch.float16 else 4
+        assert dual.store.peak_bytes == 2 * seq * channels * itemsize
+        assert dual.store.bytes_per_block() == {0: seq * channels * itemsize, 1: seq * channels * itemsize}
+        assert all(entry.device.type == "cpu" for entry in dual.store.entries.values())
+        assert dual.record()["cross_cache"]["peak_bytes"] == dual.store.peak_bytes
+        dual.remove()
+    torch.testing.assert_close(results[torch.float16], results[None], rtol=1e-2, atol=1e-2)
+
+
+def test_conditional_needs_a_guide_step_first():
+    model = tiny_wan()
+    dual = DualPath.install(model, SlidingWindow((None, 3, 3)), guide_every=2, impl="reference")
+    x, t, text = inputs()
+    with pytest.raises(RuntimeError, match="no guide step ran"):
+        dual.conditional(lambda: call(model, x, t, text), 1)
+    dual.remove()
+
+
+def test_override_processor_modes():
+    model = tiny_wan(layers=1)
+    dual = DualPath.install(model, SlidingWindow((None, 3, 3)), guide_every=1, impl="reference")
+    procs = model.attn_processors
+    assert isinstance(procs["blocks.0.attn2.processor"], CrossAttentionOverride)
+    assert isinstance(procs["blocks.0.attn1.processor"].core, BranchCore)
+    dual.remove()
+    assert type(model.attn_processors["blocks.0.attn2.processor"]).__name__ == "WanAttnProcessor"
+    assert type(model.attn_processors["blocks.0.attn1.processor"]).__name__ == "WanAttnProcessor"
+
+
+# --- defaults and errors ----------------------------------------------------------------------
+
+
+def test_original_defaults():
+    config = HighResConfig()
+    assert (config.strength, config.guide_every, config.flow_shift, config.interpolation) == (0.7, 2, 9.0, "linear")
+    assert default_window((21, 30, 52), (21, 68, 120)) == (31, 53)  # Wan 480p -> 1088x1920
+    assert default_window((5, 8, 8), (5, 12, 12)) == (9, 9)
+    assert default_scale_factor((21, 30, 52)) == pytest.approx(math.sqrt(math.log(3120) / math.log(1560)))
+    assert default_scale_factor((1, 1, 1)) == 1.0
+
+
+def test_cross_cache_estimate_for_wan_1_3b_at_1080p():
+    class Config:
+        num_attention_heads, attention_head_dim, num_layers = 12, 128, 30
+
+    class Transformer:
+        config, dtype = Config, torch.bfloat16
+
+    class Pipe:
+        transformer = Transformer
+
+    per_block = cross_cache_bytes(Pipe, (21, 68, 120)) / 30
+    assert per_block == 21 * 68 * 120 * 1536 * 2 and 0.5e9 < per_block < 0.55e9
+
+
+def test_target_size(embedded):
+    assert target_size(embedded, 128, 128, 2) == (256, 256)
+    assert target_size(embedded, 96, 160, 1.5) == (144, 240)
+    for bad in (1, 0.5, -2, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="upscale must be a number > 1"):
+            target_size(embedded, 128, 128, bad)
+    with pytest.raises(ValueError, match="not larger than the native"):
+        target_size(embedded, 128, 128, 1.01)
+    with pytest.raises(ValueError, match="rope_max_seq_len=64"):  # the embedded DiT covers 1024 px per axis
+        target_size(embedded, 128, 128, 9)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"strength": 0}, "strength must be a number in"),
+    ({"strength": 1.5}, "strength must be a number in"),
+    ({"guide_every": 0}, "guide_every must be an int >= 1"),
+    ({"window": (0, 3)}, "window must be None or two ints"),
+    ({"window": (3,)}, "window must be None or two ints"),
+    ({"attention": "sparse"}, "attention must be one of"),
+    ({"scale_factor": -1.0}, "scale_factor must be None or a positive"),
+    ({"interpolation": "bicubic"}, "interpolation must be one of"),
+    ({"store_dtype": torch.int8}, "store_dtype must be"),
+])
+def test_invalid_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HighResConfig(**kwargs)
+
+
+def test_parse_highres_config():
+    config = parse_highres_config("strength=0.5,guide_every=3,window=9x11,scale=1,flow_shift=keep,"
+                                  "store_dtype=bfloat16,offload=true,attention=window")
+    assert (config.strength, config.guide_every, config.window, config.scale_factor, config.flow_shift,
+            config.store_dtype, config.offload, config.attention) == (0.5, 3, (9, 11), 1.0, None, torch.bfloat16,
+                                                                      True, "window")
+    assert parse_highres_config(None) == HighResConfig()
+    with pytest.raises(ValueError, match="unknown highres option 'k'"):
+        parse_highres_config("k=2")
+    with pytest.raises(ValueError, match="window='9by9' is not valid"):
+        parse_highres_config("window=9by9")
+
+
+def test_generate_highres_errors(embedded):
+    base = dict(height=64, width=64, num_frames=5, num_inference_steps=2, max_sequence_length=16, progress=False)
+    with pytest.raises(ValueError, match=r"window=\(9, 3\) does not fit the target token grid 8x8"):
+        generate_highres(embedded, "a fox", config=HighResConfig(window=(9, 3)), **base)
+    with pytest.raises(ValueError, match="runs no step"):
+        generate_highres(embedded, "a fox", config=HighResConfig(strength=0.4), **base)
+    with pytest.raises(ValueError, match="upscale must be a number > 1"):
+        generate_highres(embedded, "a fox", upscale=0.5, **base)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        generate_highres(embedded, "a fox", **dict(base, height=72))
+    with pytest.raises(ValueError, match="needs a Wan pipeline"):
+        generate_highres(object(), "a fox", **base)
+    import diffattn
+
+    diffattn.apply(embedded, SlidingWindow((None, 3, 3)))
+    try:
+        with pytest.raises(ValueError, match="already applied"):
+            generate_highres(embedded, "a fox", **base)
+    finally:
+        diffattn.remove(embedded)
+
+
+# --- the pipeline and the CLI -----------------------------------------------------------------
+
+
+def test_generate_highres_on_the_embedded_pipeline(embedded):
+    result = generate_highres(embedded, "a red fox in the snow", height=64, width=64, num_frames=5,
+                              num_inference_steps=2, max_sequence_length=16, upscale=2,
+                              config=HighResConfig(strength=1.0), progress=False)
+    assert result.frames.shape == (5, 128, 128, 3) and result.base_frames.shape == (5, 64, 64, 3)
+    assert np.isfinite(result.frames).all() and result.frames.min() >= 0 and result.frames.max() <= 1
+    record = result.record
+    assert record["highres"]["token_grid"] == [2, 8, 8] and record["highres"]["window"] == [None, 5, 5]
+    dual = record["highres"]["dual_path"]
+    assert (dual["full_passes"], dual["window_passes"]) == (1, 4)  # steps 0 (guide) and 1; CFG doubles the window
+    assert dual["cross_cache"]["peak_bytes"] == record["highres"]["cross_cache_estimate_bytes"] > 0
+    assert len(record["timings_s"]["highres_pass"]["steps"]) == 2
+    json.dumps(record)
+    assert all(type(p).__name__ == "WanAttnProcessor" for p in embedded.transformer.attn_processors.values())
+
+
+def test_cli_generate_upscale(tmp_path, capsys):
+    from diffattn.cli import main
+
+    out = tmp_path / "fox.mp4"
+    rc = main(["generate", "--upscale", "2", "--size", "64x64", "--frames", "5", "--steps", "2", "--highres",
+               "strength=1,guide_every=1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert out.is_file() and (record["width"], record["height"], record["frames"]) == (128, 128, 5)
+    assert record["base"]["width"] == 64 and record["highres"]["config"]["guide_every"] == 1
+    assert record["highres"]["dual_path"]["full_passes"] == 2
+    assert set(record["timings_s"]) >= {"base_pass", "upscale", "highres_pass", "total"}
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--upscale", "1"], "--upscale must be a factor > 1"),
+    (["--upscale", "2", "--method", "window:3x5x5"], "leave --method out"),
+    (["--highres", "strength=0.5"], "--highres needs --upscale"),
+    (["--upscale", "2", "--highres", "strength=2"], "--highres: strength must be"),
+])
+def test_cli_errors(argv, match, capsys):
+    from diffattn.cli import main
+
+    assert main(["generate", *argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["diffattn.pipelines.highres", "diffattn.integration.dual_path"])
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in doctest.DocTestFinder(exclude_empty=True).find(module, name):
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
