@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .ops import interpreting
+
 POOL_CHUNK = 64  # tokens loaded at once by the pooling kernel
 SELECT_TILE = 8192  # BLOCK_I * BLOCK_NK scores held in registers by one selection program
 
@@ -270,6 +272,7 @@ def block_select(
         KEEP_DIAGONAL=keep_diagonal,
         KEEP_SINK=keep_sink,
         SIMILARITY=with_sim,
+        **({} if interpreting() else {"num_warps": 8 if block_i * block_nk > 4096 else 4}),
     )
     return keep
 

@@ -187,3 +187,38 @@ def test_explicit_triton_needs_cuda_or_interpreter(monkeypatch):
         diffattn.select_blocks(q, q, BlockTopK(density=0.5, block=16), layout, impl="triton")
     with pytest.raises(ValueError, match="impl must be one of"):
         diffattn.select_blocks(q, q, BlockTopK(density=0.5, block=16), layout, impl="cuda")
+
+
+def load_selection_bench():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "selection_bench.py"
+    spec = importlib.util.spec_from_file_location("selection_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_selection_bench_arguments_and_dry_run(tmp_path, capsys):
+    import json
+
+    bench = load_selection_bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args([])  # --out is required
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", "x.json", "--density", "0"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", "x.json", "--shapes", "sd-1.5"])
+    assert bench.parse_args(["--out", "x.json"]).shapes == ["wan-480p-81f", "hunyuan-720p-129f"]
+    assert bench.SHAPES["wan-480p-81f"][0].seq_len == 32_760
+    assert bench.SHAPES["hunyuan-720p-129f"][0].num_visual == 118_800
+    out = tmp_path / "dry.json"
+    assert bench.main(["--dry-run", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    row = data["results"][0]
+    assert data["dry_run"] and {"date", "torch", "triton"} <= set(data["environment"])
+    assert row["selection_mismatch"] == 0.0 and 0.25 <= row["kept_fraction"] <= 1.0
+    assert {"select_ms", "blocktopk_ms", "selection_share", "piecewise_pooled_vs_blocktopk"} <= set(row)
+    if not torch.cuda.is_available():
+        assert bench.main(["--out", str(tmp_path / "gpu.json")]) == 2
