@@ -190,11 +190,14 @@ def _piecewise_triton(q, k, v, pattern: Piecewise, layout: TokenLayout, scale: f
                       text_lens=None) -> tuple:
     from .kernels import piecewise_attention
 
+    first_order = pattern.first_order if pattern.order == 1 else None
+    if first_order == "exact":
+        raise ValueError("Piecewise first_order='exact' has no kernel: its per-block term costs as much as dense "
+                         "attention (O(S * NK * d^2)); use impl='reference', or first_order='pooled', 'shared' or 'lowrank'")
     vs, nv, blk = layout.visual_start, layout.num_visual, pattern.block
     q_vis, k_vis, v_vis = q[:, vs : vs + nv], k[:, vs : vs + nv], v[:, vs : vs + nv]
     keep = _select(pattern, q, k, layout, scale, selection, "triton")
     blocks = BlockLayout.from_classes(selected_classes(keep, blk, blk, blk, nv), blk, blk, nv)
-    first_order = pattern.first_order if pattern.order == 1 else None
     stats = block_statistics(k_vis, v_vis, blk, first_order, pattern.rank)
     dummy = torch.zeros(1, device=q.device)
     h_mat, h_norm, norm, kind = dummy, dummy, 1.0, 0
@@ -203,13 +206,12 @@ def _piecewise_triton(q, k, v, pattern: Piecewise, layout: TokenLayout, scale: f
         kind = 1
     elif first_order == "shared":
         h_mat, norm, kind = stats["h_sum"][:, :, None], float(nv), 2
-    elif first_order is not None:
-        raise ValueError(f"Piecewise first_order={first_order!r} has no kernel yet; use impl='reference' "
-                         "or first_order='pooled' / 'shared'")
+    elif first_order == "lowrank":
+        kind = 3
     return piecewise_attention(
         q, k, v, blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx, keep.to(torch.int8),
         stats["k_mean"], stats["v_sum"], stats["size"], h_mat, h_norm,
-        [vs, nv, layout.text_start, layout.text_len], scale, blk, kind, norm, text_lens)
+        [vs, nv, layout.text_start, layout.text_len], scale, blk, kind, norm, text_lens, stats.get("u"), stats.get("w"))
 
 
 def attention(

@@ -191,6 +191,8 @@ def piecewise_attention(
     first_order: int,
     first_order_norm: float,
     text_lens: torch.Tensor | None = None,
+    lowrank_u: torch.Tensor | None = None,
+    lowrank_w: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Piecewise attention forward (see ``piecewise_attention.py``).
 
@@ -202,9 +204,10 @@ def piecewise_attention(
         h_mat: ``float32 [B, H, NQ, D, D]`` (pooled), ``[B, H, 1, D, D]`` (shared) or unused.
         h_norm: ``float32 [B, H, NQ]`` (pooled) or unused.
         geometry: ``[vis_start, n_vis, text_start, text_len]``.
-        first_order: 0 none, 1 pooled, 2 shared (divided by ``first_order_norm``).
+        first_order: 0 none, 1 pooled, 2 shared (divided by ``first_order_norm``), 3 low rank.
         text_lens: optional ``int [B]``: attended text tokens per batch row (the rest of the text
             segment is padding, masked for every query).
+        lowrank_u, lowrank_w: ``float32 [B, H, NK, D, r]`` with ``H_J ~ U_J W_J^T`` (first_order 3).
     """
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     batch, seq_len, heads, head_dim = q.shape
@@ -216,6 +219,15 @@ def piecewise_attention(
     n_vis_q_blocks = triton.cdiv(n_vis, block)
     grid = grid_for(n_vis_q_blocks, text_len, block, batch * heads)
     h_stride_m = h_mat.stride(2) if h_mat.dim() == 5 else 0
+    rank = 1
+    if first_order == 3:
+        if lowrank_u is None or lowrank_w is None or lowrank_u.shape != lowrank_w.shape:
+            raise ValueError("first_order=3 (low rank) needs lowrank_u and lowrank_w of one shape [B, H, NK, D, r]")
+        lowrank_u, lowrank_w = lowrank_u.contiguous(), lowrank_w.contiguous()
+        rank = lowrank_u.shape[-1]
+    else:
+        lowrank_u = lowrank_w = k_mean
+    rank_p = triton.next_power_of_2(rank)
     if text_lens is not None:
         if text_lens.shape != (batch,) or text_lens.device != q.device:
             raise ValueError(f"text_lens must be [B={batch}] on {q.device}, got {tuple(text_lens.shape)} on {text_lens.device}")
@@ -223,7 +235,7 @@ def piecewise_attention(
     piecewise_attn_fwd_kernel[grid](
         q, k, v, out, lse,
         full_num, full_idx, part_num, part_idx, keep, k_mean, v_sum, size, h_mat, h_norm,
-        full_num if text_lens is None else text_lens,
+        lowrank_u, lowrank_w, full_num if text_lens is None else text_lens,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -236,14 +248,17 @@ def piecewise_attention(
         k_mean.stride(0), k_mean.stride(1),
         h_mat.stride(0) if h_mat.dim() == 5 else 0, h_mat.stride(1) if h_mat.dim() == 5 else 0, h_stride_m,
         h_norm.stride(0) if h_norm.dim() == 3 else 0, h_norm.stride(1) if h_norm.dim() == 3 else 0,
+        lowrank_u.stride(0), lowrank_u.stride(1),
         heads, seq_len, vis_start, n_vis, text_start, text_len, n_vis_q_blocks, keep.shape[-1],
         scale * LOG2E, scale, first_order_norm,
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_M=block,
         BLOCK_N=block,
-        BLOCK_J=64,
+        BLOCK_J=max(16, 64 // rank_p) if first_order == 3 else 64,
         FIRST_ORDER=first_order,
+        RANK=rank,
+        RANK_P=rank_p,
         HAS_TEXT_LENS=text_lens is not None,
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -254,6 +269,6 @@ def piecewise_attention(
 
 @piecewise_attention.register_fake
 def _(q, k, v, full_num, full_idx, part_num, part_idx, keep, k_mean, v_sum, size, h_mat, h_norm, geometry, scale,
-      block, first_order, first_order_norm, text_lens=None):
+      block, first_order, first_order_norm, text_lens=None, lowrank_u=None, lowrank_w=None):
     batch, seq_len, heads, _ = q.shape
     return torch.empty_like(q), q.new_empty((batch, seq_len, heads), dtype=torch.float32)

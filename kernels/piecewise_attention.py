@@ -9,7 +9,10 @@ One program computes one query block (= one selection block) of one (batch, head
 2. exact part: the critical blocks (the layout's full / partial lists, as in the block-sparse
    kernel) and the text keys;
 3. first order (``FIRST_ORDER``: 0 none, 1 pooled per query block, 2 shared per head):
-   ``numerator += scale * (l_approx / norm) * (q @ H)``.
+   ``numerator += scale * (l_approx / norm) * (q @ H)``; or 3, low rank, inside step 1: per
+   chunk of key blocks ``numerator += scale * ((a ⊗ 1_r) * (q @ U)) @ W^T`` with the blocks'
+   ``H_J ~ U_J W_J^T`` stacked as ``U [D, BJ * r]`` and ``W [BJ * r, D]`` (two extra dots per
+   chunk: O(S * NK * r * d)).
 
 Exact and approximate denominators are kept apart (the first-order term needs the approximate
 one) and both are rescaled whenever the running maximum moves. Text query blocks are dense.
@@ -28,7 +31,7 @@ from .block_sparse_attention import _attend_block, _attend_range, _store_rows
 @triton.jit
 def piecewise_attn_fwd_kernel(
     Q, K, V, Out, Lse,
-    FullNum, FullIdx, PartNum, PartIdx, Keep, KMean, VSum, Size, HMat, HNorm, TextLens,
+    FullNum, FullIdx, PartNum, PartIdx, Keep, KMean, VSum, Size, HMat, HNorm, LowU, LowW, TextLens,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -41,10 +44,12 @@ def piecewise_attn_fwd_kernel(
     stride_mb, stride_mh,  # KMean / VSum [B, H, NK, D] (contiguous)
     stride_hb, stride_hh, stride_hm,  # HMat [B, H, NQ or 1, D, D]
     stride_nnb, stride_nnh,  # HNorm [B, H, NQ or 1]
+    stride_ub, stride_uh,  # LowU / LowW [B, H, NK, D, RANK] (contiguous)
     num_heads, seq_len, vis_start, n_vis, text_start, text_len, n_vis_q_blocks, n_k_blocks,
     qk_scale, sm_scale, first_order_norm,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_J: tl.constexpr, FIRST_ORDER: tl.constexpr, HAS_TEXT_LENS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_J: tl.constexpr, FIRST_ORDER: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr,
+    HAS_TEXT_LENS: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -107,6 +112,10 @@ def piecewise_attn_fwd_kernel(
             size = tl.load(Size + offs_j, mask=j_valid, other=0.0)  # [BJ]
             acc = acc * alpha[:, None]
             acc = tl.dot(p, vsum, acc, input_precision="ieee")
+            if FIRST_ORDER == 3:
+                acc = _lowrank_term(acc, p, q, LowU, LowW, b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh,
+                                    j0, n_k_blocks, offs_d, d_valid, sm_scale,
+                                    HEAD_DIM, BLOCK_M, BLOCK_J, RANK, RANK_P)
             l_apx = l_apx * alpha + tl.sum(p * size[None, :], 1)
             l_i = l_i * alpha
             m_i = m_new
@@ -144,7 +153,7 @@ def piecewise_attn_fwd_kernel(
                                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
 
         # 3. first-order term: scale * (l_apx / norm) * (q @ H)
-        if FIRST_ORDER > 0:
+        if FIRST_ORDER == 1 or FIRST_ORDER == 2:
             if FIRST_ORDER == 1:
                 h_off = b.to(tl.int64) * stride_hb + h.to(tl.int64) * stride_hh + pid_m.to(tl.int64) * stride_hm
                 norm = tl.load(HNorm + b * stride_nnb + h * stride_nnh + pid_m)
@@ -167,6 +176,25 @@ def piecewise_attn_fwd_kernel(
 
     _store_rows(Out, Lse, acc, l_i, m_i, b, h, rows, row_valid, offs_d,
                 stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, HEAD_DIM)
+
+
+@triton.jit
+def _lowrank_term(acc, p, q, LowU, LowW, lr_off, j0, n_k_blocks, offs_d, d_valid, sm_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+                  RANK: tl.constexpr, RANK_P: tl.constexpr):
+    """``acc + scale * sum_J p_J (q @ U_J) @ W_J^T`` over the chunk's key blocks ``[j0, j0 + BJ)``."""
+    offs_c = tl.arange(0, BLOCK_J * RANK_P)  # column c = (block j0 + c // RANK_P, direction c % RANK_P)
+    c_j = j0 + offs_c // RANK_P
+    c_r = offs_c % RANK_P
+    c_valid = (c_j < n_k_blocks) & (c_r < RANK)
+    c_off = c_j.to(tl.int64) * (HEAD_DIM * RANK) + c_r
+    u = tl.load(LowU + lr_off + c_off[None, :] + offs_d[:, None] * RANK,
+                mask=c_valid[None, :] & d_valid[:, None], other=0.0)  # [BD, BJ*RP]
+    w = tl.load(LowW + lr_off + c_off[:, None] + offs_d[None, :] * RANK,
+                mask=c_valid[:, None] & d_valid[None, :], other=0.0)  # [BJ*RP, BD]
+    proj = tl.dot(q.to(tl.float32), u, input_precision="ieee")  # [BM, BJ*RP]
+    weight = tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_M, BLOCK_J, RANK_P)), (BLOCK_M, BLOCK_J * RANK_P))
+    return tl.dot(weight * proj * sm_scale, w, acc, input_precision="ieee")
 
 
 @triton.jit

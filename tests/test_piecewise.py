@@ -66,7 +66,9 @@ def test_density_one_is_dense():
 
 @pytest.mark.skipif(not INTERPRET, reason="kernel under the interpreter")
 @pytest.mark.parametrize("pattern", [Piecewise(0.3, block=16, order=0), Piecewise(0.3, block=16, first_order="shared"),
-                                     Piecewise(0.3, block=16), Piecewise(0.5, block=32)], ids=str)
+                                     Piecewise(0.3, block=16), Piecewise(0.5, block=32),
+                                     Piecewise(0.3, block=16, first_order="lowrank"),
+                                     Piecewise(0.5, block=32, first_order="lowrank", rank=3)], ids=str)
 @pytest.mark.parametrize("layout", [TokenLayout((3, 5, 9), text_len=9), TokenLayout((3, 5, 9), text_len=9, text_first=False), TokenLayout((2, 8, 8))], ids=str)
 def test_kernel_matches_reference(pattern, layout):
     q, k, v = structured_qkv(layout, batch=2, heads=2, head_dim=32, sharpness=3)
@@ -74,6 +76,28 @@ def test_kernel_matches_reference(pattern, layout):
     b, lb = diffattn.attention(q, k, v, pattern, layout=layout, impl="reference", return_lse=True)
     torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(la, lb, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="kernel under the interpreter")
+def test_lowrank_kernel_term_is_not_zero():
+    """The kernel's low-rank first-order term matters (far above the kernel-reference tolerance),
+    and with the rank at the head dim it equals the exact first-order term."""
+    layout = TokenLayout((3, 5, 9), text_len=9)
+    q, k, v = structured_qkv(layout, batch=1, heads=2, head_dim=16, sharpness=3)
+    zeroth = diffattn.attention(q, k, v, Piecewise(0.3, block=16, order=0), layout=layout, impl="triton")
+    lowrank = diffattn.attention(q, k, v, Piecewise(0.3, block=16, first_order="lowrank"), layout=layout, impl="triton")
+    assert (lowrank - zeroth).abs().max() > 1e-2
+    full_rank = diffattn.attention(q, k, v, Piecewise(0.3, block=16, first_order="lowrank", rank=16), layout=layout, impl="triton")
+    exact = diffattn.attention(q, k, v, Piecewise(0.3, block=16, first_order="exact"), layout=layout, impl="reference")
+    torch.testing.assert_close(full_rank, exact, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="kernel under the interpreter")
+def test_exact_first_order_has_no_kernel():
+    layout = TokenLayout((2, 4, 8))
+    q = torch.randn(1, layout.seq_len, 1, 16)
+    with pytest.raises(ValueError, match="first_order='exact' has no kernel"):
+        diffattn.attention(q, q, q, Piecewise(0.5, block=16, first_order="exact"), layout=layout, impl="triton")
 
 
 @pytest.mark.skipif(not INTERPRET, reason="kernel under the interpreter")
@@ -142,7 +166,7 @@ def test_text_padding_is_excluded_everywhere(pattern):
 
 @pytest.mark.skipif(not INTERPRET, reason="kernel under the interpreter")
 @pytest.mark.parametrize("pattern", [Piecewise(0.3, block=16, order=0), Piecewise(0.3, block=16, first_order="shared"),
-                                     Piecewise(0.3, block=16)], ids=str)
+                                     Piecewise(0.3, block=16), Piecewise(0.3, block=16, first_order="lowrank")], ids=str)
 @pytest.mark.parametrize("layout", PADDED_LAYOUTS, ids=str)
 def test_text_padding_kernel_matches_reference(pattern, layout):
     q, k, v, lens = padded_inputs(layout, [5, 21, 0])
