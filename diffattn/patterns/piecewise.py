@@ -23,7 +23,10 @@ First-order variants (``first_order``):
   O(NQ * NK * d^2 + S * d^2): the exact term's cost divided by the block size, and on
   structured inputs it keeps about 95% of the exact term's error reduction (README table).
 
-Everything is combined with the exact part through one running maximum.
+Everything is combined with the exact part through one running maximum. The Triton kernel
+covers order 0 and the ``"pooled"``, ``"shared"`` and ``"lowrank"`` terms; ``"exact"`` costs as
+much as dense attention and runs in the reference only. Padded text keys (``key_padding``) are
+excluded for every query.
 """
 
 from __future__ import annotations
