@@ -242,7 +242,9 @@ def block_select(
     Returns:
         ``bool [B, H, NQ, NK]`` with ``NQ = NK = ceil(n_vis / block)``.
 
-    >>> # keep = block_select(q, k, 0, q.shape[1], 64, q.shape[-1] ** -0.5, 4, 0.0, True, True)
+    Example (CUDA tensors ``q, k [1, S, H, 128]``, all tokens visual, top 4 blocks of 64)::
+
+        keep = torch.ops.diffattn.block_select(q, k, 0, q.shape[1], 64, 128**-0.5, 4, 0.0, True, True)
     """
     batch, _, heads, head_dim = q.shape
     nb = triton.cdiv(n_vis, block)
