@@ -7,35 +7,100 @@ log-sum-exp; ``merge_partials`` combines them into dense attention exactly:
     m = max(lse_1, lse_2);  O = (O_1 e^(lse_1 - m) + O_2 e^(lse_2 - m)) / (e^(lse_1 - m) + e^(lse_2 - m))
 
 The step cache stores the external partial and merges it with fresh internal partials.
+``attention_partials`` computes both partials; on Triton in one pass (each key block is visited
+once, and the score tile of a partial block is split between the two partials), on the
+reference as two masked attentions (the oracle).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .attention import _check, _select, attention, choose_impl
-from .block_layout import BlockLayout, check_block_sizes, complement_layout_tensors
-from .patterns.base import Pattern, as_grid3
+from .attention import _check, _check_text_lens, _select, attention, choose_impl
+from .block_layout import BlockLayout, build_block_layout, check_block_sizes, complement_layout_tensors, layout_tensors
+from .patterns.base import EMPTY, FULL, Pattern, as_grid3, pattern_from_spec
 from .patterns.piecewise import Piecewise
 from .patterns.topk import selected_classes, selected_mask_mod
 from .reference import masked_attention_reference
 from .tokens import TokenLayout
 
 
-def merge_partials(out_1: torch.Tensor, lse_1: torch.Tensor, out_2: torch.Tensor, lse_2: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_partials(out_1: torch.Tensor, lse_1: torch.Tensor, out_2: torch.Tensor, lse_2: torch.Tensor,
+                   impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Merge two attention partials over disjoint keys: ``out [B, S, H, D]``, ``lse [B, S, H]``
-    (float32, natural log; -inf for a partial with no keys). Returns ``(out, lse)`` in out_1's
-    dtype."""
+    (natural log; -inf for a partial with no keys, whose output is then ignored).
+    Returns ``(out, lse)``: out in out_1's dtype, lse float32; a row empty in both partials gets
+    out 0 and lse -inf.
+
+    ``impl``: ``"triton"`` (one fused kernel: CUDA, or CPU under ``TRITON_INTERPRET=1``),
+    ``"reference"`` (torch), or ``"auto"`` (Triton on CUDA, else torch).
+
+    >>> out, lse = torch.ones(1, 2, 1, 4), torch.zeros(1, 2, 1)
+    >>> empty = torch.full_like(lse, float("-inf"))
+    >>> merge_partials(out, lse, torch.full_like(out, float("nan")), empty)[0].equal(out)
+    True
+    """
+    chosen, _ = choose_impl(impl, out_1.device)
+    if chosen == "triton":
+        from .kernels import merge_partials as merge_kernel
+
+        return merge_kernel(out_1, lse_1.float(), out_2, lse_2.float())
     lse_1, lse_2 = lse_1.float(), lse_2.float()
     m = torch.maximum(lse_1, lse_2)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w_1, w_2 = torch.exp(lse_1 - m), torch.exp(lse_2 - m)
     total = w_1 + w_2
     safe = torch.where(total > 0, total, torch.ones_like(total))
-    out = (out_1.float() * (w_1 / safe)[..., None] + out_2.float() * (w_2 / safe)[..., None]).to(out_1.dtype)
+    part_1 = torch.where((w_1 > 0)[..., None], out_1.float() * (w_1 / safe)[..., None], 0.0)  # 0 * garbage is not 0
+    part_2 = torch.where((w_2 > 0)[..., None], out_2.float() * (w_2 / safe)[..., None], 0.0)
+    out = (part_1 + part_2).to(out_1.dtype)
     lse = torch.where(total > 0, m + torch.log(safe), torch.full_like(m, float("-inf")))
     return out, lse
+
+
+def kernel_blocks(pattern: Pattern, head_dim: int, block_size=None) -> tuple[int, int]:
+    """The kernel's (block_q, block_k): ``block_size`` or the head dim's default, capped by the
+    pattern's own block."""
+    from .kernels import kernel_block_size
+
+    block_q, block_k = block_size or kernel_block_size(head_dim)
+    limit = pattern.kernel_block_limit()
+    if block_size is None and limit is not None:
+        block_q, block_k = min(block_q, limit), min(block_k, limit)
+    return block_q, block_k
+
+
+def _geometry(layout: TokenLayout) -> list[int]:
+    _, grid_h, grid_w = as_grid3(layout.grid)
+    return [layout.visual_start, layout.num_visual, layout.text_start, layout.text_len, grid_h, grid_w]
+
+
+def external_only_layout(classes: torch.Tensor, block_q: int, block_k: int, num_tokens: int) -> BlockLayout:
+    """The key blocks wholly outside a pattern (its EMPTY ``classes``, ``int8 [..., NQ, NK]``) as a
+    BlockLayout: ``full_*`` lists them, ``part_*`` holds the last key block when it is shorter
+    than ``block_k`` (the kernel then masks the sequence bounds)."""
+    outside = torch.where(classes == EMPTY, torch.tensor(FULL, dtype=torch.int8, device=classes.device),
+                          torch.tensor(EMPTY, dtype=torch.int8, device=classes.device))
+    return BlockLayout.from_classes(outside, block_q, block_k, num_tokens)
+
+
+@functools.lru_cache(maxsize=64)
+def _external_only_cached(spec: tuple, grid: tuple, block_q: int, block_k: int, device: str) -> BlockLayout:
+    # the pattern's own layout keeps the EMPTY blocks of its classes; it is built and cached already
+    classes = build_block_layout(pattern_from_spec(spec), grid, block_q, block_k, "cpu").classes()
+    f_n, h_n, w_n = as_grid3(grid)
+    layout = external_only_layout(classes, block_q, block_k, f_n * h_n * w_n)
+    return layout if device == "cpu" else layout.to(device)
+
+
+@torch.compiler.assume_constant_result
+def external_only_layout_tensors(spec: tuple, grid: tuple, block_q: int, block_k: int, device: str) -> tuple:
+    """``(ext_num, ext_idx, ext_tail)`` of a static pattern (``pattern_from_spec(spec)``) for the
+    one-pass partials kernel, cached per (pattern, grid, block sizes, device)."""
+    blocks = _external_only_cached(spec, tuple(grid), block_q, block_k, device)
+    return blocks.full_num, blocks.full_idx, blocks.part_num
 
 
 def external_attention(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: str = "auto", scale: float | None = None,
@@ -66,14 +131,10 @@ def external_attention(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
             return visual & ~inner(qv.clamp(0, n - 1), kv.clamp(0, n - 1))
 
         return masked_attention_reference(q, k, v, mask, scale=scale)
-    from .kernels import block_sparse_attention, kernel_block_size
+    from .kernels import block_sparse_attention
 
-    block_q, block_k = block_size or kernel_block_size(q.shape[-1])
-    limit = pattern.kernel_block_limit()
-    if block_size is None and limit is not None:
-        block_q, block_k = min(block_q, limit), min(block_k, limit)
-    _, grid_h, grid_w = as_grid3(layout.grid)
-    geometry = [layout.visual_start, n, layout.text_start, layout.text_len, grid_h, grid_w]
+    block_q, block_k = kernel_blocks(pattern, q.shape[-1], block_size)
+    geometry = _geometry(layout)
     if pattern.static:
         tensors = complement_layout_tensors(pattern.spec(), layout.grid, block_q, block_k, str(q.device))
         mask_kind, params = pattern.kernel_mask(layout.grid)
@@ -83,6 +144,30 @@ def external_attention(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
         mask_kind, params = 0, ()
     window = list(params) + [1] * (12 - len(params))
     return block_sparse_attention(q, k, v, *tensors, geometry, window, mask_kind, scale, block_q, block_k, None, True)
+
+
+def _partials_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: float, block_size, text_lens,
+                     selection: torch.Tensor | None) -> tuple:
+    """Both partials from the one-pass kernel (``block_sparse_partials``)."""
+    from .kernels import block_sparse_partials
+
+    block_q, block_k = kernel_blocks(pattern, q.shape[-1], block_size)
+    device = str(q.device)
+    if pattern.static:
+        internal = layout_tensors(pattern.spec(), layout.grid, block_q, block_k, device)
+        external = external_only_layout_tensors(pattern.spec(), layout.grid, block_q, block_k, device)
+        mask_kind, params = pattern.kernel_mask(layout.grid)
+    else:
+        n = layout.num_visual
+        classes = selected_classes(_select(pattern, q, k, layout, scale, selection), pattern.block, block_q, block_k, n)
+        blocks = BlockLayout.from_classes(classes, block_q, block_k, n)
+        outside = external_only_layout(classes, block_q, block_k, n)
+        internal = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
+        external = (outside.full_num, outside.full_idx, outside.part_num)
+        mask_kind, params = 0, ()
+    window = list(params) + [1] * (12 - len(params))
+    return block_sparse_partials(q, k, v, *internal, *external, _geometry(layout), window, mask_kind, scale,
+                                 block_q, block_k, text_lens)
 
 
 def attention_partials(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: str = "auto", scale: float | None = None,
@@ -99,6 +184,17 @@ def attention_partials(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
     >>> torch.allclose(out, diffattn.attention(q, k, v, diffattn.Dense(), layout=layout), atol=1e-5)
     True
     """
+    _check(q, k, v, pattern, layout, True)
+    if isinstance(pattern, Piecewise):
+        raise ValueError("Piecewise already covers every key (exactly or approximately): it has no external part")
+    if block_size is not None:
+        check_block_sizes(*block_size)
+    _check_text_lens(text_lens, q, layout)
+    pattern.validate(layout.grid)
+    chosen, _ = choose_impl(impl, q.device)
+    if chosen == "triton" and not pattern.is_dense and layout.num_visual:
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return _partials_triton(q, k, v, pattern, layout, scale, block_size, text_lens, selection)
     if not pattern.static and selection is None and not pattern.is_dense:
         scale_ = q.shape[-1] ** -0.5 if scale is None else float(scale)
         selection = _select(pattern, q, k, layout, scale_, None)

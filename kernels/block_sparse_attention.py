@@ -1,4 +1,4 @@
-"""Fused block-sparse flash-attention forward over a BlockLayout.
+"""Fused block-sparse flash-attention forwards over a BlockLayout.
 
 One program computes one query block of one (batch, head). Query blocks come in two kinds:
 
@@ -10,13 +10,19 @@ One program computes one query block of one (batch, head). Query blocks come in 
 Text keys may be padded per batch row (HunyuanVideo): with ``HAS_TEXT_LENS`` only the first
 ``TextLens[b]`` text tokens are attended; the padding is a suffix of the text segment.
 
-With ``EXTERNAL`` the kernel computes the complement: visual queries over the visual keys the
-pattern does not attend (the layout is the complement layout; window masks are inverted inside
-partial blocks) and no text keys; the launcher runs no text query blocks. Merged through the
-log-sum-exp with the pattern's own (internal) partial, it gives dense attention exactly.
+``block_sparse_attn_fwd_kernel`` computes the pattern's attention. With ``EXTERNAL`` it computes
+the complement instead: visual queries over the visual keys the pattern does not attend (the
+layout is the complement layout; window masks are inverted inside partial blocks) and no text
+keys; the launcher runs no text query blocks.
 
-Online softmax in base 2 with a running max; returns ``out`` and the natural-log ``lse``.
-Tensors are ``[B, S, H, D]`` with a unit stride on D.
+``block_sparse_partials_fwd_kernel`` computes both partials in one pass: each visual query
+block walks every visual key block once and keeps two online softmaxes, the *internal* one
+(the pattern's keys and the text keys) and the *external* one (every other visual key). Keys of
+a partial block that the window mask rejects go to the external softmax, so the score tile is
+computed once. Merged through their log-sum-exps the two partials give dense attention exactly.
+
+Online softmax in base 2 with a running max; outputs ``out`` and the natural-log ``lse`` (a row
+with no key gets out 0 and lse -inf). Tensors are ``[B, S, H, D]`` with a unit stride on D.
 """
 
 from __future__ import annotations
@@ -51,11 +57,38 @@ def _axis_inside(group, start, kc, k, r, DILATED: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, start_n, key_mask, seq_len,
-                  stride_ks, stride_vs, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key block of the online softmax. ``key_mask`` [BM, BN] is used when MASKED."""
+def _window_starts(q_loc, grid_h, grid_w, n_f, k_f, s_f, r_f, n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w):
+    """Window (group, start) per axis of the visual queries ``q_loc`` [BM], once per query block."""
+    g_f, st_f = _axis_window_start(q_loc // (grid_h * grid_w), n_f, k_f, s_f, r_f)
+    g_h, st_h = _axis_window_start((q_loc // grid_w) % grid_h, n_h, k_h, s_h, r_h)
+    g_w, st_w = _axis_window_start(q_loc % grid_w, n_w, k_w, s_w, r_w)
+    return g_f, st_f, g_h, st_h, g_w, st_w
+
+
+@triton.jit
+def _window_inside(g_f, st_f, g_h, st_h, g_w, st_w, k_loc, Coords, n_vis, grid_h, grid_w, k_f, r_f, k_h, r_h, k_w, r_w,
+                   DILATED: tl.constexpr, PACKED_COORDS: tl.constexpr):
+    """Visual keys ``k_loc`` [BN] inside the windows of the query block -> [BM, BN]."""
+    if PACKED_COORDS:  # one load instead of three run-time divisions per key
+        packed = tl.load(Coords + k_loc, mask=k_loc < n_vis, other=0)  # [BN]
+        kf = packed >> 20
+        kh = (packed >> 10) & 1023
+        kw = packed & 1023
+    else:
+        kf = k_loc // (grid_h * grid_w)
+        kh = (k_loc // grid_w) % grid_h
+        kw = k_loc % grid_w
+    inside = _axis_inside(g_f, st_f, kf, k_f, r_f, DILATED)
+    inside = inside & _axis_inside(g_h, st_h, kh, k_h, r_h, DILATED)
+    return inside & _axis_inside(g_w, st_w, kw, k_w, r_w, DILATED)
+
+
+@triton.jit
+def _load_kv(k_ptrs, v_ptrs, offs_d, start_n, seq_len,
+             stride_ks, stride_vs,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+             MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """Key block ``[BD, BN]`` and value block ``[BN, BD]`` starting at key ``start_n``."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASKED:  # the block may run past the sequence: never read there (garbage * 0 is NaN)
         in_seq = offs_n < seq_len
@@ -72,7 +105,13 @@ def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, start_n, key_mask, s
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BM, BN]
+    return k, v
+
+
+@triton.jit
+def _softmax_update(acc, l_i, m_i, qk, v, key_mask, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold the scores ``qk`` [BM, BN] and values ``v`` [BN, BD] into one online softmax;
+    ``key_mask`` [BM, BN] is used when MASKED."""
     if MASKED:
         qk = tl.where(key_mask, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -86,6 +125,18 @@ def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, start_n, key_mask, s
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # [BM, BD]
     return acc, l_i, m_new
+
+
+@triton.jit
+def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, start_n, key_mask, seq_len,
+                  stride_ks, stride_vs, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax. ``key_mask`` [BM, BN] is used when MASKED."""
+    k, v = _load_kv(k_ptrs, v_ptrs, offs_d, start_n, seq_len, stride_ks, stride_vs,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, MASKED, UPCAST)
+    qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BM, BN]
+    return _softmax_update(acc, l_i, m_i, qk, v, key_mask, qk_scale, MASKED, DOT_PRECISION)
 
 
 @triton.jit
@@ -111,6 +162,78 @@ def _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, lo, hi,
 
 
 @triton.jit
+def _attend_listed_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, num_ptr, idx_ptr, vis_start, seq_len,
+                          stride_ks, stride_vs, qk_scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Whole visual key blocks listed at ``idx_ptr`` (``num_ptr`` of them), no element mask."""
+    no_mask = tl.full((BLOCK_M, BLOCK_N), 1, tl.int1)
+    for i in range(tl.load(num_ptr)):
+        start = tl.load(idx_ptr + i) * BLOCK_N
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, vis_start + start, no_mask, seq_len,
+                                      stride_ks, stride_vs, qk_scale,
+                                      HEAD_DIM, BLOCK_D, BLOCK_N, False, UPCAST, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_all_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end, seq_len,
+                     stride_ks, stride_vs, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_TEXT_LENS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A dense row (text query, or any query of a Dense pattern): every key but the text
+    padding ``[text_stop, text_end)``."""
+    if HAS_TEXT_LENS:
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, 0, text_stop,
+                                      stride_ks, stride_vs, qk_scale,
+                                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_end, seq_len,
+                                      stride_ks, stride_vs, qk_scale,
+                                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+    else:
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, 0, seq_len,
+                                      stride_ks, stride_vs, qk_scale,
+                                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _query_block(Q, K, V, TextLens, pid_m, pid_bh, num_heads, vis_start, n_vis, dense_start, dense_len,
+                 text_start, text_len, n_vis_q_blocks,
+                 stride_qb, stride_qs, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 HAS_TEXT_LENS: tl.constexpr, UPCAST: tl.constexpr):
+    """The program's rows and operands: (b, h, is_visual, q_loc, rows, row_valid, q [BM, BD],
+    k_ptrs [BD, 1], v_ptrs [1, BD], offs_d, text_stop, text_end). Visual blocks come first
+    (``q_loc`` visual-local), then the dense rows (``q_loc`` local to ``dense_start``)."""
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    is_visual = pid_m < n_vis_q_blocks
+    if is_visual:
+        q_loc = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = q_loc < n_vis
+        rows = vis_start + q_loc
+    else:
+        q_loc = (pid_m - n_vis_q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = q_loc < dense_len
+        rows = dense_start + q_loc
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :])
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BM, BD]
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_ptrs = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_d[:, None]  # [BD, 1]
+    v_ptrs = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_d[None, :]  # [1, BD]
+    text_end = text_start + text_len  # text keys past text_stop are padding of this batch row
+    if HAS_TEXT_LENS:
+        text_stop = text_start + tl.minimum(tl.load(TextLens + b), text_len)
+    else:
+        text_stop = text_end
+    return b, h, is_visual, q_loc, rows, row_valid, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end
+
+
+@triton.jit
 def block_sparse_attn_fwd_kernel(
     Q, K, V, Out, Lse,
     FullNum, FullIdx, PartNum, PartIdx, Coords, TextLens,
@@ -132,54 +255,25 @@ def block_sparse_attn_fwd_kernel(
     EXTERNAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-
-    is_visual = pid_m < n_vis_q_blocks
-    if is_visual:
-        q_loc = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # visual-local rows
-        row_valid = q_loc < n_vis
-        rows = vis_start + q_loc
-    else:
-        t_loc = (pid_m - n_vis_q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_valid = t_loc < dense_len
-        rows = dense_start + t_loc
-        q_loc = t_loc
-
-    offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    q_ptrs = q_base + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BM, BD]
-    if UPCAST:
-        q = q.to(tl.float32)
-    k_ptrs = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_d[:, None]  # [BD, 1]
-    v_ptrs = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_d[None, :]  # [1, BD]
-
-    text_end = text_start + text_len  # text keys past text_stop are padding of this batch row
-    if HAS_TEXT_LENS:
-        text_stop = text_start + tl.minimum(tl.load(TextLens + b), text_len)
-    else:
-        text_stop = text_end
+    b, h, is_visual, q_loc, rows, row_valid, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end = _query_block(
+        Q, K, V, TextLens, pid_m, tl.program_id(1), num_heads, vis_start, n_vis, dense_start, dense_len,
+        text_start, text_len, n_vis_q_blocks,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+        HEAD_DIM, BLOCK_D, BLOCK_M, HAS_TEXT_LENS, UPCAST)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
 
     if is_visual:
-        no_mask = tl.full((BLOCK_M, BLOCK_N), 1, tl.int1)
         if MASK_KIND == 1:  # window starts of this block's queries, once for all key blocks
-            hw = grid_h * grid_w
-            g_f, st_f = _axis_window_start(q_loc // hw, n_f, k_f, s_f, r_f)
-            g_h, st_h = _axis_window_start((q_loc // grid_w) % grid_h, n_h, k_h, s_h, r_h)
-            g_w, st_w = _axis_window_start(q_loc % grid_w, n_w, k_w, s_w, r_w)
-        fn_ptr = FullNum + b * stride_fnb + h * stride_fnh + pid_m * stride_fnm
-        fi_ptr = FullIdx + b * stride_fib + h * stride_fih + pid_m * stride_fim
-        for i in range(tl.load(fn_ptr)):
-            start = tl.load(fi_ptr + i) * BLOCK_N
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, vis_start + start, no_mask, seq_len,
-                                          stride_ks, stride_vs, qk_scale,
-                                          HEAD_DIM, BLOCK_D, BLOCK_N, False, UPCAST, DOT_PRECISION)
+            g_f, st_f, g_h, st_h, g_w, st_w = _window_starts(q_loc, grid_h, grid_w, n_f, k_f, s_f, r_f,
+                                                             n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w)
+        acc, l_i, m_i = _attend_listed_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d,
+                                              FullNum + b * stride_fnb + h * stride_fnh + pid_m * stride_fnm,
+                                              FullIdx + b * stride_fib + h * stride_fih + pid_m * stride_fim,
+                                              vis_start, seq_len, stride_ks, stride_vs, qk_scale,
+                                              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
         pn_ptr = PartNum + b * stride_pnb + h * stride_pnh + pid_m * stride_pnm
         pi_ptr = PartIdx + b * stride_pib + h * stride_pih + pid_m * stride_pim
         for i in range(tl.load(pn_ptr)):
@@ -187,18 +281,8 @@ def block_sparse_attn_fwd_kernel(
             k_loc = start + tl.arange(0, BLOCK_N)
             key_mask = tl.broadcast_to((k_loc < n_vis)[None, :], (BLOCK_M, BLOCK_N))
             if MASK_KIND == 1:
-                if PACKED_COORDS:  # one load instead of three run-time divisions per key
-                    packed = tl.load(Coords + k_loc, mask=k_loc < n_vis, other=0)  # [BN]
-                    kf = packed >> 20
-                    kh = (packed >> 10) & 1023
-                    kw = packed & 1023
-                else:
-                    kf = k_loc // hw
-                    kh = (k_loc // grid_w) % grid_h
-                    kw = k_loc % grid_w
-                inside = _axis_inside(g_f, st_f, kf, k_f, r_f, DILATED)
-                inside = inside & _axis_inside(g_h, st_h, kh, k_h, r_h, DILATED)
-                inside = inside & _axis_inside(g_w, st_w, kw, k_w, r_w, DILATED)
+                inside = _window_inside(g_f, st_f, g_h, st_h, g_w, st_w, k_loc, Coords, n_vis, grid_h, grid_w,
+                                        k_f, r_f, k_h, r_h, k_w, r_w, DILATED, PACKED_COORDS)
                 if EXTERNAL:  # the keys outside the window
                     key_mask = key_mask & (inside == 0)
                 else:
@@ -210,19 +294,113 @@ def block_sparse_attn_fwd_kernel(
             acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_start, text_stop,
                                           stride_ks, stride_vs, qk_scale,
                                           HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
-    elif HAS_TEXT_LENS:  # all keys but the padding [text_stop, text_end)
-        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, 0, text_stop,
-                                      stride_ks, stride_vs, qk_scale,
-                                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
-        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_end, seq_len,
-                                      stride_ks, stride_vs, qk_scale,
-                                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
     else:
-        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, 0, seq_len,
-                                      stride_ks, stride_vs, qk_scale,
-                                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+        acc, l_i, m_i = _attend_all_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end, seq_len,
+                                         stride_ks, stride_vs, qk_scale,
+                                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_TEXT_LENS, UPCAST, DOT_PRECISION)
 
     _store_rows(Out, Lse, acc, l_i, m_i, b, h, rows, row_valid, offs_d,
+                stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, HEAD_DIM)
+
+
+@triton.jit
+def block_sparse_partials_fwd_kernel(
+    Q, K, V, OutIn, LseIn, OutEx, LseEx,
+    FullNum, FullIdx, PartNum, PartIdx, ExtNum, ExtIdx, ExtTail, Coords, TextLens,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_ls, stride_lh,
+    stride_fnb, stride_fnh, stride_fnm,
+    stride_fib, stride_fih, stride_fim,
+    stride_pnb, stride_pnh, stride_pnm,
+    stride_pib, stride_pih, stride_pim,
+    stride_enb, stride_enh, stride_enm,
+    stride_eib, stride_eih, stride_eim,
+    stride_etb, stride_eth, stride_etm,
+    num_heads, seq_len, vis_start, n_vis, dense_start, dense_len, text_start, text_len, n_vis_q_blocks,
+    grid_h, grid_w,
+    n_f, k_f, s_f, r_f, n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w,
+    qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, DILATED: tl.constexpr, PACKED_COORDS: tl.constexpr, HAS_TEXT_LENS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Internal and external partials in one pass over the key blocks.
+
+    The internal layout (FullNum .. PartIdx) lists the pattern's key blocks; ExtNum / ExtIdx list
+    the key blocks wholly outside it, except a short last key block, which ExtTail (0 / 1 per query
+    block) marks. Every visual key block appears in exactly one of the three lists. Out and Lse of
+    both partials share strides.
+    """
+    pid_m = tl.program_id(0)
+    b, h, is_visual, q_loc, rows, row_valid, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end = _query_block(
+        Q, K, V, TextLens, pid_m, tl.program_id(1), num_heads, vis_start, n_vis, dense_start, dense_len,
+        text_start, text_len, n_vis_q_blocks,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+        HEAD_DIM, BLOCK_D, BLOCK_M, HAS_TEXT_LENS, UPCAST)
+
+    m_in = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_in = tl.zeros((BLOCK_M,), tl.float32)
+    acc_in = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m_ex = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_ex = tl.zeros((BLOCK_M,), tl.float32)
+    acc_ex = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    if is_visual:
+        if MASK_KIND == 1:
+            g_f, st_f, g_h, st_h, g_w, st_w = _window_starts(q_loc, grid_h, grid_w, n_f, k_f, s_f, r_f,
+                                                             n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w)
+        # the pattern's full blocks: internal only
+        acc_in, l_in, m_in = _attend_listed_blocks(acc_in, l_in, m_in, q, k_ptrs, v_ptrs, offs_d,
+                                                   FullNum + b * stride_fnb + h * stride_fnh + pid_m * stride_fnm,
+                                                   FullIdx + b * stride_fib + h * stride_fih + pid_m * stride_fim,
+                                                   vis_start, seq_len, stride_ks, stride_vs, qk_scale,
+                                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+        # the pattern's partial blocks: one score tile, split by the window mask
+        pn_ptr = PartNum + b * stride_pnb + h * stride_pnh + pid_m * stride_pnm
+        pi_ptr = PartIdx + b * stride_pib + h * stride_pih + pid_m * stride_pim
+        for i in range(tl.load(pn_ptr)):
+            start = tl.load(pi_ptr + i) * BLOCK_N
+            k_loc = start + tl.arange(0, BLOCK_N)
+            in_seq = tl.broadcast_to((k_loc < n_vis)[None, :], (BLOCK_M, BLOCK_N))
+            k, v = _load_kv(k_ptrs, v_ptrs, offs_d, vis_start + start, seq_len, stride_ks, stride_vs,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST)
+            qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BM, BN]
+            if MASK_KIND == 1:
+                inside = _window_inside(g_f, st_f, g_h, st_h, g_w, st_w, k_loc, Coords, n_vis, grid_h, grid_w,
+                                        k_f, r_f, k_h, r_h, k_w, r_w, DILATED, PACKED_COORDS)
+                acc_in, l_in, m_in = _softmax_update(acc_in, l_in, m_in, qk, v, in_seq & inside, qk_scale,
+                                                     True, DOT_PRECISION)
+                acc_ex, l_ex, m_ex = _softmax_update(acc_ex, l_ex, m_ex, qk, v, in_seq & (inside == 0), qk_scale,
+                                                     True, DOT_PRECISION)
+            else:  # block-granular patterns: partial only through the sequence bounds
+                acc_in, l_in, m_in = _softmax_update(acc_in, l_in, m_in, qk, v, in_seq, qk_scale, True, DOT_PRECISION)
+        # the blocks outside the pattern: external only
+        acc_ex, l_ex, m_ex = _attend_listed_blocks(acc_ex, l_ex, m_ex, q, k_ptrs, v_ptrs, offs_d,
+                                                   ExtNum + b * stride_enb + h * stride_enh + pid_m * stride_enm,
+                                                   ExtIdx + b * stride_eib + h * stride_eih + pid_m * stride_eim,
+                                                   vis_start, seq_len, stride_ks, stride_vs, qk_scale,
+                                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+        if tl.load(ExtTail + b * stride_etb + h * stride_eth + pid_m * stride_etm) != 0:
+            start = (n_vis // BLOCK_N) * BLOCK_N
+            in_seq = tl.broadcast_to(((start + tl.arange(0, BLOCK_N)) < n_vis)[None, :], (BLOCK_M, BLOCK_N))
+            acc_ex, l_ex, m_ex = _attend_block(acc_ex, l_ex, m_ex, q, k_ptrs, v_ptrs, offs_d, vis_start + start, in_seq,
+                                               seq_len, stride_ks, stride_vs, qk_scale,
+                                               HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
+        # text keys are always internal
+        acc_in, l_in, m_in = _attend_range(acc_in, l_in, m_in, q, k_ptrs, v_ptrs, offs_d, text_start, text_stop,
+                                           stride_ks, stride_vs, qk_scale,
+                                           HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+    else:  # dense rows have no external keys: their external partial stays empty
+        acc_in, l_in, m_in = _attend_all_keys(acc_in, l_in, m_in, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end, seq_len,
+                                              stride_ks, stride_vs, qk_scale,
+                                              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_TEXT_LENS, UPCAST, DOT_PRECISION)
+
+    _store_rows(OutIn, LseIn, acc_in, l_in, m_in, b, h, rows, row_valid, offs_d,
+                stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, HEAD_DIM)
+    _store_rows(OutEx, LseEx, acc_ex, l_ex, m_ex, b, h, rows, row_valid, offs_d,
                 stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, HEAD_DIM)
 
 

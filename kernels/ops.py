@@ -12,7 +12,8 @@ import os
 import torch
 import triton
 
-from .block_sparse_attention import LOG2E, block_sparse_attn_fwd_kernel
+from .block_sparse_attention import LOG2E, block_sparse_attn_fwd_kernel, block_sparse_partials_fwd_kernel
+from .merge_partials import merge_partials_fwd_kernel
 from .piecewise_attention import grid_for, piecewise_attn_fwd_kernel
 
 MAX_HEAD_DIM = 256
@@ -59,6 +60,59 @@ def _check_layout_tensor(name: str, t: torch.Tensor, dims: int, device: torch.de
         raise ValueError(f"{name} must be int32 with {dims} dims on {device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
 
 
+def _checked_inputs(q, k, v, layout: dict, text_lens):
+    """q, k, v with a unit stride on D, the layout tensors checked, text_lens as int32."""
+    for name, t in layout.items():
+        _check_layout_tensor(name, t, 4 if name.endswith("idx") else 3, q.device)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if text_lens is not None:
+        if text_lens.shape != (q.shape[0],) or text_lens.device != q.device:
+            raise ValueError(f"text_lens must be [B={q.shape[0]}] on {q.device}, got {tuple(text_lens.shape)} on "
+                             f"{text_lens.device}")
+        text_lens = text_lens.to(torch.int32)
+    return q, k, v, text_lens
+
+
+def _block_sparse_launch(q, k, v, out, lse, layout, geometry: list[int], window: list[int], mask_kind: int, scale: float,
+                         block_q: int, block_k: int, text_lens: torch.Tensor | None, dense_rows: bool
+                         ) -> tuple[tuple, list, dict]:
+    """What both block-sparse kernels share: (grid, the arguments after q, k, v and the outputs,
+    compile-time flags and launch configuration). ``out`` / ``lse``: one partial's outputs (the
+    others share their strides); ``dense_rows``: run the text query blocks (the dense rows)."""
+    batch, seq_len, heads, head_dim = q.shape
+    vis_start, n_vis, text_start, text_len, grid_h, grid_w = geometry
+    n_vis_q_blocks = triton.cdiv(n_vis, block_q) if n_vis else 0
+    dense_start, dense_len = (0, seq_len) if n_vis == 0 else (text_start, text_len)  # rows attending everything
+    if not dense_rows:
+        dense_len = 0
+    grid = (n_vis_q_blocks + triton.cdiv(dense_len, block_q), batch * heads)
+    coords = None
+    if mask_kind == 1 and n_vis:
+        coords = packed_coords(n_vis // (grid_h * grid_w), grid_h, grid_w, str(q.device))
+    args = [*layout, layout[0] if coords is None else coords, layout[0] if text_lens is None else text_lens]
+    for t in (q, k, v, out, lse):
+        args += [t.stride(0), t.stride(1), t.stride(2)]
+    for t in layout:  # a dim of size 1 broadcasts over the batch or the heads
+        args += [0 if t.shape[0] == 1 and batch != 1 else t.stride(0), 0 if t.shape[1] == 1 and heads != 1 else t.stride(1),
+                 t.stride(2)]
+    args += [heads, seq_len, vis_start, n_vis, dense_start, dense_len, text_start, text_len, n_vis_q_blocks,
+             grid_h, grid_w, *window, scale * LOG2E]
+    flags = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_q,
+        BLOCK_N=block_k,
+        MASK_KIND=mask_kind,
+        DILATED=mask_kind == 1 and any(r != 1 for r in window[3::4]),
+        PACKED_COORDS=coords is not None,
+        HAS_TEXT_LENS=text_lens is not None,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **({} if interpreting() else launch_config(head_dim, q.dtype)),
+    )
+    return grid, args, flags
+
+
 @torch.library.custom_op("diffattn::block_sparse_attention", mutates_args=())
 def block_sparse_attention(
     q: torch.Tensor,
@@ -98,68 +152,18 @@ def block_sparse_attention(
     Returns:
         ``out [B, S, H, D]`` (q's dtype) and ``lse [B, S, H]`` float32.
     """
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    batch, seq_len, heads, head_dim = q.shape
-    vis_start, n_vis, text_start, text_len, grid_h, grid_w = geometry
-    for name, t, dims in (("full_num", full_num, 3), ("full_idx", full_idx, 4), ("part_num", part_num, 3), ("part_idx", part_idx, 4)):
-        _check_layout_tensor(name, t, dims, q.device)
+    layout = {"full_num": full_num, "full_idx": full_idx, "part_num": part_num, "part_idx": part_idx}
+    q, k, v, text_lens = _checked_inputs(q, k, v, layout, text_lens)
+    batch, seq_len, heads, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, seq_len, heads), dtype=torch.float32, device=q.device)
-    n_vis_q_blocks = triton.cdiv(n_vis, block_q) if n_vis else 0
-    dense_start, dense_len = (0, seq_len) if n_vis == 0 else (text_start, text_len)  # rows attending everything
-    if text_lens is not None:
-        if text_lens.shape != (batch,) or text_lens.device != q.device:
-            raise ValueError(f"text_lens must be [B={batch}] on {q.device}, got {tuple(text_lens.shape)} on {text_lens.device}")
-        text_lens = text_lens.to(torch.int32)
     if external:  # no text query blocks run: their rows have no external keys
+        text_start, text_len = geometry[2], geometry[3]
         out[:, text_start : text_start + text_len].zero_()
         lse[:, text_start : text_start + text_len].fill_(float("-inf"))
-        dense_len = 0
-    grid = (n_vis_q_blocks + triton.cdiv(dense_len, block_q), batch * heads)
-
-    def bstride(t: torch.Tensor, dim: int, size: int) -> int:
-        return 0 if t.shape[dim] == 1 and size != 1 else t.stride(dim)
-
-    coords = None
-    if mask_kind == 1 and n_vis:
-        coords = packed_coords(n_vis // (grid_h * grid_w), grid_h, grid_w, str(q.device))
-    upcast = interpreting() and q.dtype == torch.bfloat16
-    config = {} if interpreting() else launch_config(head_dim, q.dtype)
-    block_sparse_attn_fwd_kernel[grid](
-        q, k, v, out, lse,
-        full_num, full_idx, part_num, part_idx, full_num if coords is None else coords,
-        full_num if text_lens is None else text_lens,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2),
-        bstride(full_num, 0, batch), bstride(full_num, 1, heads), full_num.stride(2),
-        bstride(full_idx, 0, batch), bstride(full_idx, 1, heads), full_idx.stride(2),
-        bstride(part_num, 0, batch), bstride(part_num, 1, heads), part_num.stride(2),
-        bstride(part_idx, 0, batch), bstride(part_idx, 1, heads), part_idx.stride(2),
-        heads, seq_len, vis_start, n_vis, dense_start, dense_len, text_start, text_len, n_vis_q_blocks,
-        grid_h, grid_w,
-        *window,
-        scale * LOG2E,
-        HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_M=block_q,
-        BLOCK_N=block_k,
-        MASK_KIND=mask_kind,
-        DILATED=mask_kind == 1 and any(r != 1 for r in window[3::4]),
-        PACKED_COORDS=coords is not None,
-        HAS_TEXT_LENS=text_lens is not None,
-        EXTERNAL=external,
-        UPCAST=upcast,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        **config,
-    )
+    grid, args, flags = _block_sparse_launch(q, k, v, out, lse, tuple(layout.values()), geometry, window, mask_kind,
+                                             scale, block_q, block_k, text_lens, dense_rows=not external)
+    block_sparse_attn_fwd_kernel[grid](q, k, v, out, lse, *args, EXTERNAL=external, **flags)
     return out, lse
 
 
@@ -168,6 +172,99 @@ def _(q, k, v, full_num, full_idx, part_num, part_idx, geometry, window, mask_ki
       external=False):
     batch, seq_len, heads, _ = q.shape
     return torch.empty_like(q), q.new_empty((batch, seq_len, heads), dtype=torch.float32)
+
+
+@torch.library.custom_op("diffattn::block_sparse_partials", mutates_args=())
+def block_sparse_partials(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    full_num: torch.Tensor,
+    full_idx: torch.Tensor,
+    part_num: torch.Tensor,
+    part_idx: torch.Tensor,
+    ext_num: torch.Tensor,
+    ext_idx: torch.Tensor,
+    ext_tail: torch.Tensor,
+    geometry: list[int],
+    window: list[int],
+    mask_kind: int,
+    scale: float,
+    block_q: int,
+    block_k: int,
+    text_lens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Internal and external attention partials in one pass over the key blocks.
+
+    Args:
+        q, k, v, geometry, window, mask_kind, scale, block_q, block_k, text_lens: as for
+            ``block_sparse_attention``; ``n_vis`` must be > 0 (a Dense pattern has no external part).
+        full_num, full_idx, part_num, part_idx: the pattern's BlockLayout (internal key blocks).
+        ext_num, ext_idx: ``int32 [Z, Hz, NQ]`` / ``[Z, Hz, NQ, *]``: the key blocks outside the
+            pattern, ascending, without a last key block shorter than ``block_k``.
+        ext_tail: ``int32 [Z, Hz, NQ]``: 1 where that short last key block is outside the pattern.
+
+    Returns:
+        ``(out_internal, lse_internal, out_external, lse_external)``: outputs ``[B, S, H, D]`` in
+        q's dtype, lse ``[B, S, H]`` float32. Text rows have no external keys (out 0, lse -inf).
+    """
+    if geometry[1] <= 0:
+        raise ValueError(f"block_sparse_partials needs visual tokens (geometry n_vis > 0), got geometry {geometry}")
+    layout = {"full_num": full_num, "full_idx": full_idx, "part_num": part_num, "part_idx": part_idx,
+              "ext_num": ext_num, "ext_idx": ext_idx, "ext_tail": ext_tail}
+    q, k, v, text_lens = _checked_inputs(q, k, v, layout, text_lens)
+    batch, seq_len, heads, _ = q.shape
+    out_in, out_ex = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(2))
+    lse_in, lse_ex = (torch.empty((batch, seq_len, heads), dtype=torch.float32, device=q.device) for _ in range(2))
+    grid, args, flags = _block_sparse_launch(q, k, v, out_in, lse_in, tuple(layout.values()), geometry, window,
+                                             mask_kind, scale, block_q, block_k, text_lens, dense_rows=True)
+    block_sparse_partials_fwd_kernel[grid](q, k, v, out_in, lse_in, out_ex, lse_ex, *args, **flags)
+    return out_in, lse_in, out_ex, lse_ex
+
+
+@block_sparse_partials.register_fake
+def _(q, k, v, full_num, full_idx, part_num, part_idx, ext_num, ext_idx, ext_tail, geometry, window, mask_kind, scale,
+      block_q, block_k, text_lens=None):
+    batch, seq_len, heads, _ = q.shape
+    lse = q.new_empty((batch, seq_len, heads), dtype=torch.float32)
+    return torch.empty_like(q), lse, torch.empty_like(q), torch.empty_like(lse)
+
+
+@torch.library.custom_op("diffattn::merge_partials", mutates_args=())
+def merge_partials(out_1: torch.Tensor, lse_1: torch.Tensor, out_2: torch.Tensor, lse_2: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two attention partials over disjoint keys (see ``merge_partials.py``).
+
+    Args:
+        out_1, out_2: ``[B, S, H, D]`` (any float dtypes, one shape).
+        lse_1, lse_2: ``[B, S, H]`` float32, natural log, -inf for a partial with no keys.
+
+    Returns:
+        ``out [B, S, H, D]`` in out_1's dtype and ``lse [B, S, H]`` float32.
+    """
+    if out_1.shape != out_2.shape or lse_1.shape != out_1.shape[:-1] or lse_2.shape != lse_1.shape:
+        raise ValueError(f"merge_partials: outputs {tuple(out_1.shape)}, {tuple(out_2.shape)} and lses "
+                         f"{tuple(lse_1.shape)}, {tuple(lse_2.shape)} must be [B, S, H, D] and [B, S, H]")
+    if lse_1.dtype != torch.float32 or lse_2.dtype != torch.float32:
+        raise ValueError(f"merge_partials: lses must be float32, got {lse_1.dtype}, {lse_2.dtype}")
+    if len({t.device for t in (out_1, lse_1, out_2, lse_2)}) != 1:
+        raise ValueError(f"merge_partials: all tensors must be on one device, got {out_1.device}, {lse_1.device}, "
+                         f"{out_2.device}, {lse_2.device}")
+    out_1, lse_1, out_2, lse_2 = (t.contiguous() for t in (out_1, lse_1, out_2, lse_2))
+    out = torch.empty_like(out_1)
+    lse = torch.empty_like(lse_1)
+    head_dim = out_1.shape[-1]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_r = max(1, min(64, 4096 // block_d))
+    n_rows = lse_1.numel()
+    merge_partials_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        out_1, lse_1, out_2, lse_2, out, lse, n_rows, HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d)
+    return out, lse
+
+
+@merge_partials.register_fake
+def _(out_1, lse_1, out_2, lse_2):
+    return torch.empty_like(out_1), torch.empty_like(lse_1)
 
 
 @torch.library.custom_op("diffattn::piecewise_attention", mutates_args=())

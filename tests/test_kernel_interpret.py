@@ -300,3 +300,43 @@ def test_explicit_block_size_larger_than_radial_block_is_an_error():
     q, k, v = make_qkv(layout, 1, 1, 16, torch.float32)
     with pytest.raises(ValueError, match="block_q"):
         diffattn.attention(q, k, v, Radial(0.3, block=32), layout=layout, impl="triton", block_size=(64, 32))
+
+
+def test_partials_fake_tensor_shapes():
+    """The one-pass partials op's register_fake: two outputs in q's dtype, two float32 lses."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from diffattn.partials import external_only_layout_tensors
+
+    layout = TokenLayout((2, 4, 4), text_len=3)
+    pattern = SlidingWindow(2)
+    tensors, geometry, window, mask_kind = _op_arguments(pattern, layout, 16, 16)
+    external = external_only_layout_tensors(pattern.spec(), layout.grid, 16, 16, "cpu")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        q = torch.empty(2, layout.seq_len, 3, 16, dtype=torch.float16)
+        fake = tuple(mode.from_tensor(t) for t in (*tensors, *external))
+        out_in, lse_in, out_ex, lse_ex = torch.ops.diffattn.block_sparse_partials(
+            q, q, q, *fake, geometry, window, mask_kind, 0.25, 16, 16)
+    for out, lse in ((out_in, lse_in), (out_ex, lse_ex)):
+        assert out.shape == q.shape and out.dtype == torch.float16
+        assert lse.shape == (2, layout.seq_len, 3) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("pattern, block", [(SlidingWindow((2, 3, 3)), (32, 16)), (Radial(0.3, block=32), None)],
+                         ids=["window", "radial"])
+def test_torch_compile_fullgraph_of_attention_partials(pattern, block):
+    """attention_partials (the one-pass kernel) compiles without graph breaks."""
+    import torch._dynamo
+
+    from diffattn.partials import attention_partials
+
+    layout = TokenLayout((3, 5, 6), text_len=4)
+    q, k, v = make_qkv(layout, 1, 2, 16, torch.float32)
+
+    def f(q, k, v):
+        return attention_partials(q * 1.0, k, v, pattern, layout=layout, impl="triton", block_size=block)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    for a, b in zip(got, f(q, k, v)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
