@@ -21,6 +21,15 @@ What is measured, per method, against the dense run of the same prompt, seed and
   diffusers' ``dispatch_attention_fn`` exactly as diffusers' own processors do (bit-identical
   output); the ``dense`` method, if asked for, runs diffusers' own processors.
 
+With a step cache (``cache=StepCache(...)``, ``diffattn compare --cache``) every sparse method
+runs with it (the dense baseline and a ``dense`` method never do): the frames, PSNR, SSIM and
+times are those of the cached generation, each method's ``cache`` record gives the cache's peak
+memory, and the probe adds the **cached attention error**: at the probe step ``s`` the pattern's
+internal partial merged with the external partial computed at step ``s - (refresh_every - 1)``
+(the oldest one the cache reuses; step 0 at the least) on the dense run's q/k/v of that layer,
+against dense attention (``rel_l1_cached_mean``, ``cosine_cached_mean``; the drift gates are not
+simulated). The stored external partials live on the CPU while the probe runs.
+
 The report folder holds ``report.md``, ``report.html`` (dense frames next to each method's, and
 the absolute difference), ``speed_quality.png`` (speedup against SSIM and PSNR), per-run PNG
 contact sheets and MP4s, and ``compare.json`` with everything.
@@ -97,13 +106,18 @@ class AttentionProbe:
         methods: the methods to measure.
         step: the denoising step; None = the middle step (``num_steps // 2``).
         impl: ``diffattn.attention``'s impl for both Dense() and the patterns.
+        cache: a ``StepCache``: also measure each sparse pattern with an external partial
+            ``cache.refresh_every - 1`` steps old (see the module docstring). None: off.
     """
 
-    def __init__(self, methods: list[Method], step: int | None, impl: str = "auto"):
+    def __init__(self, methods: list[Method], step: int | None, impl: str = "auto", cache=None):
         self.methods = methods
         self.step = step
         self.impl = impl
+        self.cache = cache
         self.done: set[str] = set()
+        self.externals_done: set[str] = set()
+        self.externals: dict[tuple[str, str], tuple] = {}  # (processor, method label) -> (out_ext, lse_ext) on CPU
         self.layers: list[dict] = []  # one entry per measured processor: name, layer, errors per method label
         self.seconds = 0.0
         self.skipped: list[str] = []
@@ -125,19 +139,19 @@ class AttentionProbe:
     def measure(self, key, layer, state, q, k, v, attn_mask, visual_only) -> None:
         import torch
 
-        from .attention import attention
         from .integration.core import text_lens_from_mask
-        from .metrics import attention_errors
-        from .patterns import Dense
         from .tokens import TokenLayout
 
         if self.step is None:
             if state.num_steps is None:
                 return
             self.step = state.num_steps // 2
-        if state.step != self.step or key in self.done or state.layout is None:
+        if state.layout is None:
             return
-        self.done.add(key)
+        at_reference = self.cache is not None and state.step == self.reference_step and key not in self.externals_done
+        at_step = state.step == self.step and key not in self.done
+        if not (at_reference or at_step):
+            return
         _sync(q)
         t0 = time.perf_counter()
         layout = TokenLayout(state.layout.grid) if visual_only else state.layout
@@ -145,18 +159,58 @@ class AttentionProbe:
         if attn_mask is not None:
             text_lens = text_lens_from_mask(attn_mask, layout)
             if text_lens is None:
+                self.done.add(key)
+                self.externals_done.add(key)
                 self.skipped.append(f"{key}: attention mask that is not text padding")
                 self.seconds += time.perf_counter() - t0
                 return
-        entry = {"name": key, "layer": layer, "errors": {}}
         with torch.no_grad():
-            ref = attention(q, k, v, Dense(), layout=layout, impl=self.impl, text_lens=text_lens).float()
-            for method in self.methods:
-                out = attention(q, k, v, method.pattern, layout=layout, impl=self.impl, text_lens=text_lens).float()
-                entry["errors"][method.label] = attention_errors(out, ref)
-        self.layers.append(entry)
+            if at_reference:
+                self.externals_done.add(key)
+                self._store_externals(key, q, k, v, layout, text_lens)
+            if at_step:
+                self.done.add(key)
+                self.layers.append(self._errors(key, layer, q, k, v, layout, text_lens))
         _sync(q)
         self.seconds += time.perf_counter() - t0
+
+    @property
+    def reference_step(self) -> int:
+        """The step whose external partials the cached error reuses."""
+        return max(0, (self.step or 0) - (self.cache.refresh_every - 1))
+
+    def _cached_methods(self) -> list[Method]:
+        return [m for m in self.methods if self.cache is not None and not m.pattern.is_dense]
+
+    def _store_externals(self, key, q, k, v, layout, text_lens) -> None:
+        from .partials import attention_partials
+
+        for method in self._cached_methods():
+            _, _, out_ex, lse_ex = attention_partials(q, k, v, method.pattern, layout=layout, impl=self.impl,
+                                                      text_lens=text_lens)
+            self.externals[(key, method.label)] = (out_ex.cpu(), lse_ex.cpu())
+
+    def _errors(self, key, layer, q, k, v, layout, text_lens) -> dict:
+        from .attention import attention
+        from .integration.step_cache import light_merge
+        from .metrics import attention_errors
+        from .partials import merge_partials
+        from .patterns import Dense
+
+        entry = {"name": key, "layer": layer, "errors": {}, "errors_cached": {}}
+        ref = attention(q, k, v, Dense(), layout=layout, impl=self.impl, text_lens=text_lens).float()
+        cached = {m.label for m in self._cached_methods()}
+        for method in self.methods:
+            out, lse = attention(q, k, v, method.pattern, layout=layout, impl=self.impl, text_lens=text_lens,
+                                 return_lse=True)
+            entry["errors"][method.label] = attention_errors(out.float(), ref)
+            stored = self.externals.pop((key, method.label), None)
+            if method.label not in cached or stored is None:
+                continue
+            out_ex, lse_ex = (t.to(q.device) for t in stored)
+            merged = light_merge(out, lse, lse_ex) if self.cache.light else merge_partials(out, lse, out_ex, lse_ex)[0]
+            entry["errors_cached"][method.label] = attention_errors(merged.float(), ref)
+        return entry
 
     def summary(self, method: Method) -> dict:
         """Per-layer errors of ``method`` and their means (see the module docstring)."""
@@ -167,17 +221,25 @@ class AttentionProbe:
                 continue
             layer = entry["layer"]
             dense_here = self._schedule_dense(method.schedule, layer)
-            per_layer.append({"name": entry["name"], "layer": layer, "rel_l1": err["rel_l1"], "cosine": err["cosine"],
-                              "schedule_dense": dense_here})
+            row = {"name": entry["name"], "layer": layer, "rel_l1": err["rel_l1"], "cosine": err["cosine"],
+                   "schedule_dense": dense_here}
+            cached = entry.get("errors_cached", {}).get(method.label)
+            if cached is not None:
+                row["rel_l1_cached"], row["cosine_cached"] = cached["rel_l1"], cached["cosine"]
+            per_layer.append(row)
             effective.append(0.0 if dense_here else err["rel_l1"])
-        if not per_layer:
-            return {"step": self.step, "rel_l1_mean": None, "cosine_mean": None, "rel_l1_effective_mean": None,
-                    "per_layer": []}
-        return {"step": self.step,
-                "rel_l1_mean": float(np.mean([p["rel_l1"] for p in per_layer])),
-                "cosine_mean": float(np.mean([p["cosine"] for p in per_layer])),
-                "rel_l1_effective_mean": float(np.mean(effective)),
-                "per_layer": per_layer}
+        summary = {"step": self.step, "rel_l1_mean": None, "cosine_mean": None, "rel_l1_effective_mean": None}
+        if self.cache is not None:
+            summary.update(cache_reference_step=self.reference_step, rel_l1_cached_mean=None, cosine_cached_mean=None)
+        if per_layer:
+            summary.update(rel_l1_mean=float(np.mean([p["rel_l1"] for p in per_layer])),
+                           cosine_mean=float(np.mean([p["cosine"] for p in per_layer])),
+                           rel_l1_effective_mean=float(np.mean(effective)))
+        with_cache = [p for p in per_layer if "rel_l1_cached" in p]
+        if with_cache:
+            summary.update(rel_l1_cached_mean=float(np.mean([p["rel_l1_cached"] for p in with_cache])),
+                           cosine_cached_mean=float(np.mean([p["cosine_cached"] for p in with_cache])))
+        return {**summary, "per_layer": per_layer}
 
     def _schedule_dense(self, schedule, layer: int) -> bool:
         step = self.step or 0
@@ -280,15 +342,27 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
                 preset_name: str | None = None, settings_cli: dict | None = None, out: str = "outputs/compare",
                 impl: str = "auto", device: str | None = None, dtype: str = "auto", attn_step: int | None = None,
                 repeats: int = 1, warmup: bool = True, fps: float = 16.0, progress: bool = True,
-                log: Callable = print) -> dict:
-    """Run the comparison and write the report folder; returns the ``compare.json`` record."""
+                log: Callable = print, cache=None) -> dict:
+    """Run the comparison and write the report folder; returns the ``compare.json`` record.
+
+    ``cache``: a ``diffattn.StepCache`` every sparse method runs with (None: no cache).
+    """
     from .attention import choose_impl
     from .integration.core import Schedule
-    from .patterns import Dense
+    from .integration.step_cache import StepCache
+    from .patterns import Dense, Piecewise
 
     t_start = time.perf_counter()
     if not methods:
         raise UserError("give at least one method to compare")
+    if cache is not None:
+        if not isinstance(cache, StepCache):
+            raise UserError(f"cache must be a diffattn.StepCache or None, got {type(cache).__name__}")
+        if all(m.plain_dense for m in methods):
+            raise UserError("--cache needs a sparse method: dense attention has nothing to reuse")
+        for m in methods:
+            if isinstance(m.pattern, Piecewise):
+                raise UserError(f"--cache does not apply to method {m.label!r}: Piecewise already covers every key")
     if repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {repeats}")
     folder = Path(out)
@@ -336,7 +410,7 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
         warm_settings = dict(settings, num_inference_steps=min(2, num_steps or 2))
         log("warm-up (2 steps per method; only the dense one decodes)...")
         for i, m in enumerate([dense_method, *methods]):
-            install(pipe, dataclasses.replace(m, schedule=Schedule()), impl)
+            install(pipe, dataclasses.replace(m, schedule=Schedule()), impl, _cache_for(m, cache))
             run_once(pipe, prompt, seed, warm_settings, device=target.device, check=m, progress=False,
                      output_type="np" if i == 0 else "latent")
         uninstall(pipe)
@@ -345,7 +419,7 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
     from .integration import apply
 
     apply(pipe, Dense(), impl=impl)
-    probe = AttentionProbe(methods, attn_step, impl=impl)
+    probe = AttentionProbe(methods, attn_step, impl=impl, cache=cache)
     probe.wrap(pipe)
     log(f"[{DENSE_LABEL}] generating...")
     dense_runs = []
@@ -378,10 +452,11 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
 
     rows = []
     for m, name in zip(methods, slugs):
-        handle = install(pipe, m, impl)
+        handle = install(pipe, m, impl, _cache_for(m, cache))
         log(f"[{m.label}] generating..." + (f" ({handle})" if handle is not None else " (diffusers' processors)"))
         runs = [run_once(pipe, prompt, seed, settings, device=target.device, check=m, progress=progress)
                 for _ in range(repeats)]
+        cache_used = cache_record(handle)  # before uninstalling: the handle's states hold the memory peak
         uninstall(pipe)
         frames = runs[0].frames
         from .metrics import psnr, ssim
@@ -407,12 +482,17 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
             "frames_identical": bool(math.isinf(p)),
             "ssim": ssim(frames, dense_frames),
             "attention_error": probe.summary(m),
+            "cache": cache_used,
             "timings_s": _round_timings(runs[0].timings),
             "files": files,
         }
         rows.append(row)
+        cached_line = ""
+        if cache_used["enabled"]:
+            cached_line = (f" ({_fmt(row['attention_error']['rel_l1_cached_mean'], '.4f')} with the cache), "
+                           f"cache {cache_used['memory_bytes'] / 2**20:.1f} MiB")
         log(f"[{m.label}] {t:.2f} s, speedup {row['speedup']:.2f}x (denoising {_fmt(row['denoising_speedup'], '.2f')}x), PSNR {_fmt(p, '.2f')} dB, SSIM {row['ssim']:.4f}, "
-            f"attention rel L1 {_fmt(row['attention_error']['rel_l1_mean'], '.4f')}")
+            f"attention rel L1 {_fmt(row['attention_error']['rel_l1_mean'], '.4f')}{cached_line}")
 
     _plot(rows, folder / "speed_quality.png")
     record = {
@@ -430,7 +510,7 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
         "seq_len": layout.seq_len if layout is not None else None,
         "repeats": repeats,
         "warmup": warmup,
-        "cache": cache_record(None),
+        "cache": _cache_summary(cache, rows),
         "dense": {
             "label": DENSE_LABEL,
             "time_s": dense_time,
@@ -450,6 +530,12 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
                     "each layer, the conditional branch under CFG); Dense() and each pattern run through "
                     "diffattn.attention on the same q/k/v; rel_l1 = ||O - O_dense||_1 / ||O_dense||_1. "
                     "rel_l1_mean ignores the schedule; rel_l1_effective_mean counts schedule-dense layers as 0."),
+            **({} if cache is None else {
+                "cache_reference_step": probe.reference_step,
+                "how_cached": ("rel_l1_cached: the pattern's internal partial at this step merged with its external "
+                               "partial computed at cache_reference_step (this step - (refresh_every - 1)) on the dense "
+                               "run's q/k/v of the same layer, against Dense(); the drift gates are not simulated"),
+            }),
         },
         "notes": [
             "psnr_db: over all pixels of all frames against the dense output, data range 1; null with "
@@ -473,6 +559,21 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
     return record
 
 
+def _cache_for(method: Method, cache):
+    """The step cache a method runs with: none for dense attention (nothing to reuse)."""
+    return None if method.plain_dense else cache
+
+
+def _cache_summary(cache, rows: list[dict]) -> dict:
+    """The run's step cache: its settings, and the largest peak memory of any method."""
+    cached = [r["cache"] for r in rows if r["cache"]["enabled"]]
+    if cache is None or not cached:
+        return {"enabled": False, "memory_bytes": 0}
+    return {**cached[0], "memory_bytes": max(c["memory_bytes"] for c in cached),
+            "note": "every sparse method runs with this step cache (the dense baseline and dense methods never do); "
+                    "memory_bytes: the largest of the methods' peaks; each method's own is in methods[i].cache"}
+
+
 def _median_or_none(values) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -484,21 +585,32 @@ def _median_or_none(values) -> float | None:
 
 def _table_rows(record: dict) -> list[list[str]]:
     d = record["dense"]
-    rows = [[DENSE_LABEL, "100%", "100%", _fmt(d["time_s"], ".2f"), "1.00x", "1.00x", "1.00x", "-", "-", "-", "-"]]
+    with_cache = record["cache"]["enabled"]
+    rows = [[DENSE_LABEL, "100%", "100%", _fmt(d["time_s"], ".2f"), "1.00x", "1.00x", "1.00x", "-", "-", "-", "-"]
+            + (["-", "-"] if with_cache else [])]
     for r in record["methods"]:
         a = r["attention_error"]
-        rows.append([
+        row = [
             r["label"], _fmt(r["attended_fraction"], ".1%"), _fmt(r["effective_attended_fraction"], ".1%"),
             _fmt(r["time_s"], ".2f"), _fmt(r["speedup"], ".2f") + "x",
             (_fmt(r["denoising_speedup"], ".2f") + "x") if r["denoising_speedup"] else "-",
             (_fmt(r["self_attention_speedup"], ".2f") + "x") if r["self_attention_speedup"] else "-",
             _fmt(r["psnr_db"], ".2f"), _fmt(r["ssim"], ".4f"), _fmt(a["rel_l1_mean"], ".4f"), _fmt(a["cosine_mean"], ".4f"),
-        ])
+        ]
+        if with_cache:
+            used = r["cache"]["enabled"]
+            row += [_fmt(a.get("rel_l1_cached_mean"), ".4f"), _fmt(r["cache"]["memory_bytes"] / 2**20, ".1f") if used else "-"]
+        rows.append(row)
     return rows
 
 
 HEADERS = ["method", "attended", "effective", "time (s)", "speedup", "denoising speedup", "self-attn speedup",
            "PSNR (dB)", "SSIM", "attn rel L1", "attn cosine"]
+CACHE_HEADERS = ["attn rel L1 with cache", "cache (MiB)"]
+
+
+def _headers(record: dict) -> list[str]:
+    return HEADERS + (CACHE_HEADERS if record["cache"]["enabled"] else [])
 
 
 def _settings_line(record: dict) -> str:
@@ -519,12 +631,24 @@ def _settings_line(record: dict) -> str:
     return "; ".join(parts)
 
 
+def _cache_notes(record: dict, probe: dict) -> list[str]:
+    cache = record["cache"]
+    if not cache["enabled"]:
+        return []
+    config = ", ".join(f"{k}={v}" for k, v in cache["config"].items() if v not in (None, False))
+    return [f"- *step cache* ({config}): every sparse method ran with it (frames, PSNR, SSIM and times are of the "
+            "cached generation); *attn rel L1 with cache*: the internal partial at the probe step merged with the "
+            f"external partial of step {probe.get('cache_reference_step')} (the oldest the cache reuses) on the dense "
+            "run's q/k/v; *cache (MiB)*: the peak memory the cache held."]
+
+
 def _markdown(record: dict) -> str:
     lines = ["# diffattn compare", ""]
     if record["note"]:
         lines += [f"> **Note:** {record['note']}. The numbers below show the mechanics, not image quality.", ""]
     lines += [f"Prompt: *{record['prompt']}*", "", _settings_line(record), ""]
-    lines += ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    headers = _headers(record)
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in _table_rows(record)]
     probe = record["attention_probe"]
     lines += [
@@ -541,6 +665,7 @@ def _markdown(record: dict) -> str:
         "`||O - O_dense||_1 / ||O_dense||_1` of the pattern against Dense (both through `diffattn.attention`), "
         f"averaged over {probe['layers_measured']} self-attention calls (schedule ignored; see compare.json for "
         "per-layer values and the schedule-effective mean).",
+        *_cache_notes(record, probe),
         "",
         "![speed vs quality](speed_quality.png)",
         "",
@@ -561,7 +686,7 @@ def _markdown(record: dict) -> str:
 
 def _html(record: dict) -> str:
     e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in HEADERS)
+    head = "".join(f"<th>{e(h)}</th>" for h in _headers(record))
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in _table_rows(record))
     dense_png = e(record["dense"]["files"]["frames_png"])
     blocks = []

@@ -2,6 +2,7 @@
 
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -91,7 +92,9 @@ def test_preset_as_method(tmp_path):
     (["--attn-step", "3"], "--attn-step"),
     (["--repeats", "0"], "--repeats"),
     (["--preset", "no-such-preset"], "preset"),
-    (["--cache"], "cache"),
+    (["--cache", "refresh_every=0"], "refresh_every"),
+    (["--methods", "dense", "--cache"], "--cache needs a sparse method"),
+    (["--methods", "window:1x3x3", "piecewise:0.5", "--cache"], "Piecewise"),
 ])
 def test_bad_arguments_fail_cleanly(argv, words, tmp_path, capsys):
     try:
@@ -102,3 +105,73 @@ def test_bad_arguments_fail_cleanly(argv, words, tmp_path, capsys):
     assert code == 2
     assert len(err) == 1 and "error" in err[0] and words in err[0], err
     assert not (tmp_path / "report").exists()
+
+
+@pytest.fixture(scope="module")
+def cached_report(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compare-cache")
+    code = main(["compare", *SMALL, "--methods", "window:1x3x3", "dense", "--seed", "1", "--no-warmup",
+                 "--cache", "refresh_every=2", "--out", str(folder)])
+    assert code == 0
+    return folder, json.loads((folder / "compare.json").read_text())
+
+
+def test_compare_with_cache(cached_report, report):
+    folder, record = cached_report
+    cache = record["cache"]
+    assert cache["enabled"] and cache["config"]["refresh_every"] == 2 and cache["memory_bytes"] > 0
+    window, dense = record["methods"]
+    assert window["cache"]["enabled"] and window["cache"]["memory_bytes"] == cache["memory_bytes"]
+    assert dense["cache"] == {"enabled": False, "memory_bytes": 0}  # dense attention runs without the cache
+    attn = window["attention_error"]
+    assert attn["step"] == 1 and attn["cache_reference_step"] == 0 and record["attention_probe"]["cache_reference_step"] == 0
+    assert all("rel_l1_cached" in layer for layer in attn["per_layer"]) and len(attn["per_layer"]) == 4
+    assert 0 < attn["rel_l1_cached_mean"] < attn["rel_l1_mean"]  # the reused external part recovers most of it
+    assert "rel_l1_cached_mean" not in dense["attention_error"] or dense["attention_error"]["rel_l1_cached_mean"] is None
+    uncached = report[1]["methods"][0]
+    assert window["psnr_db"] > uncached["psnr_db"]  # closer to dense than the plain window
+    md = (folder / "report.md").read_text()
+    assert "attn rel L1 with cache" in md and "refresh_every=2" in md
+    assert "attn rel L1 with cache" not in (report[0] / "report.md").read_text()
+
+
+def _probe_state(step, layout):
+    return types.SimpleNamespace(step=step, num_steps=3, layout=layout)
+
+
+@pytest.mark.parametrize("refresh_every", [1, 2])
+def test_probe_cached_error_reuses_the_reference_step(refresh_every):
+    """The cached error merges the internal partial of the probe step with the external partial
+    of step ``probe - (refresh_every - 1)``: exact dense attention when that is the same step."""
+    import torch
+
+    import diffattn
+    from diffattn import Dense, SlidingWindow, StepCache, TokenLayout
+    from diffattn.compare import AttentionProbe
+    from diffattn.generate import resolve_method
+    from diffattn.metrics import attention_errors
+    from diffattn.partials import attention_partials, merge_partials
+
+    layout = TokenLayout((3, 4, 4))
+    gen = torch.Generator().manual_seed(0)
+    steps = [[torch.randn(1, layout.seq_len, 2, 16, generator=gen) for _ in range(3)] for _ in range(3)]
+    probe = AttentionProbe([resolve_method("window:1x3x3")], step=2, impl="reference",
+                           cache=StepCache(refresh_every=refresh_every))
+    for step, (q, k, v) in enumerate(steps):
+        for _ in range(2):  # the second call of a step (the other CFG branch) is not measured
+            probe.measure("attn", 0, _probe_state(step, layout), q, k, v, None, False)
+    assert probe.reference_step == 3 - refresh_every and not probe.externals  # consumed
+    (entry,) = probe.layers
+    cached = entry["errors_cached"]["window:1x3x3"]
+    q, k, v = steps[2]
+    dense = diffattn.attention(q, k, v, Dense(), layout=layout, impl="reference")
+    if refresh_every == 1:
+        assert cached["rel_l1"] < 1e-5 and cached["cosine"] == pytest.approx(1.0, abs=1e-6)
+    else:
+        window = SlidingWindow((1, 3, 3))
+        o_in, l_in, _, _ = attention_partials(q, k, v, window, layout=layout, impl="reference")
+        _, _, o_ex, l_ex = attention_partials(*steps[1], window, layout=layout, impl="reference")
+        expected = attention_errors(merge_partials(o_in, l_in, o_ex, l_ex)[0].float(), dense.float())
+        assert cached["rel_l1"] == pytest.approx(expected["rel_l1"], rel=1e-5) and cached["rel_l1"] > 1e-3
+    summary = probe.summary(probe.methods[0])
+    assert summary["rel_l1_cached_mean"] == pytest.approx(cached["rel_l1"])
