@@ -103,18 +103,25 @@ def external_only_layout_tensors(spec: tuple, grid: tuple, block_q: int, block_k
     return blocks.full_num, blocks.full_idx, blocks.part_num
 
 
+def _check_partials_call(q, k, v, pattern: Pattern, layout: TokenLayout, impl: str, block_size) -> str:
+    """Argument checks shared by the partials' entry points; returns the implementation to run."""
+    _check(q, k, v, pattern, layout, True)
+    if isinstance(pattern, Piecewise):
+        raise ValueError("Piecewise already covers every key (exactly or approximately): it has no external part")
+    if block_size is not None:
+        if not isinstance(block_size, (tuple, list)) or len(block_size) != 2:
+            raise ValueError(f"block_size must be (block_q, block_k), got {block_size!r}")
+        check_block_sizes(*block_size)
+    pattern.validate(layout.grid)
+    return choose_impl(impl, q.device)[0]
+
+
 def external_attention(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: str = "auto", scale: float | None = None,
                        block_size=None, selection: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The external partial: each visual query over the visual keys ``pattern`` does not attend
     (text queries and text keys are internal). Returns ``(out, lse)``; rows with no external key
     get out 0 and lse -inf."""
-    _check(q, k, v, pattern, layout, True)
-    if isinstance(pattern, Piecewise):
-        raise ValueError("Piecewise already covers every key (exactly or approximately): it has no external part")
-    if block_size is not None:
-        check_block_sizes(*block_size)
-    pattern.validate(layout.grid)
-    chosen, _ = choose_impl(impl, q.device)
+    chosen = _check_partials_call(q, k, v, pattern, layout, impl, block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     n = layout.num_visual
     if pattern.is_dense:
@@ -172,8 +179,22 @@ def _partials_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: floa
 
 def attention_partials(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: str = "auto", scale: float | None = None,
                        block_size=None, text_lens: torch.Tensor | None = None, selection: torch.Tensor | None = None):
-    """``(out_internal, lse_internal, out_external, lse_external)``; merged, they are dense
-    attention (with the text padding of ``text_lens`` honoured in the internal part).
+    """Both attention partials of ``pattern``: ``(out_internal, lse_internal, out_external,
+    lse_external)``; merged (``merge_partials``), they are dense attention, with the text padding
+    of ``text_lens`` honoured in the internal part.
+
+    Args:
+        q, k, v, layout, impl, scale, block_size, text_lens, selection: as for
+            ``diffattn.attention``. On Triton one kernel pass computes both partials; the
+            reference runs two masked attentions.
+
+    Returns:
+        outputs ``[B, S, H, D]`` in q's dtype and lses ``[B, S, H]`` float32. Text rows and rows
+        whose keys are all internal have an empty external partial (out 0, lse -inf); a Dense
+        pattern's external partial is empty everywhere.
+
+    Raises:
+        ValueError: for Piecewise, which covers every key and has no external part.
 
     >>> import torch, diffattn
     >>> from diffattn.partials import attention_partials, merge_partials
@@ -184,14 +205,8 @@ def attention_partials(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
     >>> torch.allclose(out, diffattn.attention(q, k, v, diffattn.Dense(), layout=layout), atol=1e-5)
     True
     """
-    _check(q, k, v, pattern, layout, True)
-    if isinstance(pattern, Piecewise):
-        raise ValueError("Piecewise already covers every key (exactly or approximately): it has no external part")
-    if block_size is not None:
-        check_block_sizes(*block_size)
+    chosen = _check_partials_call(q, k, v, pattern, layout, impl, block_size)
     _check_text_lens(text_lens, q, layout)
-    pattern.validate(layout.grid)
-    chosen, _ = choose_impl(impl, q.device)
     if chosen == "triton" and not pattern.is_dense and layout.num_visual:
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         return _partials_triton(q, k, v, pattern, layout, scale, block_size, text_lens, selection)
