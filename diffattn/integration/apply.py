@@ -16,9 +16,8 @@ from ..patterns.base import Pattern
 from .core import Schedule, SparseAttentionCore
 from .step_cache import StepCache
 from .families import all_adapters
-from .state import GenerationState, GenerationStateHook
+from .state import HOOK_NAME, GenerationState, GenerationStateHook
 
-HOOK_NAME = "diffattn.generation_state"
 TRANSFORMER_ATTRS = ("transformer", "transformer_2")  # Wan 2.2 has two experts
 
 
@@ -170,14 +169,32 @@ def _install_state(transformer, adapter, pattern, schedule, impl, scheduler, cac
         proc._attention_backend = getattr(original[name], "_attention_backend", None)
         proc._parallel_config = getattr(original[name], "_parallel_config", None)
         processors[name] = proc
-    hook = GenerationStateHook(adapter, state, scheduler)
+    hook = GenerationStateHook(adapter, state, scheduler, sparse=not pattern.is_dense)
     hook.original_processors = original
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK_NAME)
     return processors, names, state
 
 
+def move_state_hook_outermost(transformer: torch.nn.Module) -> None:
+    """Re-register diffattn's generation-state hook (if installed) as the transformer's outermost
+    hook, so it sees the call's inputs before any hook registered since (diffusers' context-parallel
+    input split) changes them."""
+    hook = _installed_hook(transformer)
+    if hook is None:
+        return
+    registry = transformer._diffusers_hook
+    registry.remove_hook(HOOK_NAME, recurse=False)
+    registry.register_hook(hook, HOOK_NAME)
+
+
 def _remove_one(transformer: torch.nn.Module) -> None:
     hook = _installed_hook(transformer)
+    current = transformer.attn_processors
+    for name, proc in hook.original_processors.items():
+        # enable_parallelism after apply configured diffattn's processors only: hand the setting on
+        config = getattr(current.get(name), "_parallel_config", None)
+        if config is not None and hasattr(proc, "_parallel_config") and proc._parallel_config is None:
+            proc._parallel_config = config
     transformer.set_attn_processor(hook.original_processors)
     transformer._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
 

@@ -12,6 +12,7 @@ from ..attention import attention, select_blocks
 from ..partials import attention_partials, external_attention, merge_partials
 from ..patterns.base import Pattern
 from ..tokens import TokenLayout
+from .parallel import context_parallel_config, ulysses_shard
 from .state import GenerationState
 from .step_cache import CacheEntry, StepCache, drifted_heads, light_merge, stored
 
@@ -99,21 +100,49 @@ class SparseAttentionCore:
 
         ``visual_only``: this attention sees the visual tokens alone (e.g. SD3.5's image-only
         ``attn2``), not the text of the transformer call's layout.
+
+        Under diffusers' Ulysses context parallelism (``parallel_config``) q/k/v hold this rank's
+        ``S / N`` tokens; sparse calls exchange them for all tokens of ``H / N`` heads, attend,
+        and exchange back (see ``diffattn.integration.parallel``).
         """
         layout = self.state.layout
         if visual_only and layout is not None:
             layout = TokenLayout(layout.grid)
         if layout is None or self.pattern.is_dense or self.schedule.is_dense(self.state, self.layer):
-            out = dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
-                                        backend=backend, parallel_config=parallel_config)
-            if self._warm_cache_now(layout, q, attn_mask):
-                self._refresh(q, k, v, layout, None, None)  # the next step is sparse: have its external part ready
+            return self._attend_dense(q, k, v, layout, attn_mask, backend, parallel_config)
+        if attn_mask is not None and context_parallel_config(parallel_config) is not None:
+            if not self._warned_mask:
+                logger.warning("diffattn: an attention mask under context parallelism; this call runs dense")
+                self._warned_mask = True
+            return self._dispatch(q, k, v, attn_mask, backend, parallel_config)
+        shard = ulysses_shard(parallel_config, layout, q)
+        if shard is None:
+            return self._attend_sparse(q, k, v, layout, attn_mask, (0, q.shape[2]), backend)
+        q, k, v = (shard.to_heads(x) for x in (q, k, v))
+        return shard.to_sequence(self._attend_sparse(q, k, v, layout, None, shard.heads, backend))
+
+    @staticmethod
+    def _dispatch(q, k, v, attn_mask, backend, parallel_config) -> torch.Tensor:
+        return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
+                                     backend=backend, parallel_config=parallel_config)
+
+    def _attend_dense(self, q, k, v, layout, attn_mask, backend, parallel_config) -> torch.Tensor:
+        if not self._warm_cache_now(layout, attn_mask):
+            return self._dispatch(q, k, v, attn_mask, backend, parallel_config)
+        # the next step is sparse: have its external part ready
+        shard = ulysses_shard(parallel_config, layout, q)
+        if shard is None:
+            out = self._dispatch(q, k, v, attn_mask, backend, parallel_config)
+            if layout.seq_len == q.shape[1]:
+                self._refresh(q, k, v, layout, None, None, (0, q.shape[2]))
             return out
-        if parallel_config is not None:
-            raise NotImplementedError(
-                "diffattn's sparse attention does not run under diffusers' context parallelism yet; "
-                "disable parallelism or diffattn.remove() the sparse processors"
-            )
+        # Under Ulysses the two partials merged are this step's dense output: one exchange, not two.
+        q, k, v = (shard.to_heads(x) for x in (q, k, v))
+        return shard.to_sequence(self._refresh(q, k, v, layout, None, None, shard.heads))
+
+    def _attend_sparse(self, q, k, v, layout: TokenLayout, attn_mask, heads: tuple[int, int], backend) -> torch.Tensor:
+        """Sparse attention of ``q, k, v [B, S, H, D]`` over the whole sequence; ``heads`` are the
+        global indices of the H heads (all of them without context parallelism)."""
         if layout.seq_len != q.shape[1]:
             raise RuntimeError(
                 f"diffattn: the transformer call's token layout {layout} has {layout.seq_len} tokens but "
@@ -126,13 +155,12 @@ class SparseAttentionCore:
                 if not self._warned_mask:
                     logger.warning("diffattn: an attention mask that is not text padding; this call runs dense")
                     self._warned_mask = True
-                return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
-                                             backend=backend, parallel_config=parallel_config)
+                return self._dispatch(q, k, v, attn_mask, backend, None)
         selection = None
         if not self.pattern.static and (self.schedule.selection_every > 1 or self.cache is not None):
-            selection = self._reused_selection(q, k, layout)
+            selection = self._reused_selection(q, k, layout, heads)
         if self.cache is not None:
-            return self._attend_cached(q, k, v, layout, text_lens, selection)
+            return self._attend_cached(q, k, v, layout, text_lens, selection, heads)
         return attention(q, k, v, self.pattern, layout=layout, impl=self.impl, text_lens=text_lens, selection=selection)
 
     def _text_lens(self, attn_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor | None:
@@ -147,53 +175,54 @@ class SparseAttentionCore:
 
     # --- cross-step cache ------------------------------------------------------------
 
-    def _cache_key(self, q: torch.Tensor, layout: TokenLayout) -> tuple:
-        return (tuple(q.shape), q.dtype, q.device, layout)
+    def _cache_key(self, q: torch.Tensor, layout: TokenLayout, heads: tuple[int, int]) -> tuple:
+        return (tuple(q.shape), q.dtype, q.device, layout, heads)
 
-    def _warm_cache_now(self, layout, q, attn_mask) -> bool:
+    def _warm_cache_now(self, layout, attn_mask) -> bool:
         """At a dense step whose next step is sparse (the end of the warm-up), with a cache."""
         if self.cache is None or layout is None or self.pattern.is_dense or attn_mask is not None:
             return False
-        if layout.seq_len != q.shape[1] or self.layer < self.schedule.dense_layers:
+        if self.layer < self.schedule.dense_layers:
             return False
         return not self.schedule.is_dense(self.state, self.layer, self.state.step + 1)
 
-    def _refresh(self, q, k, v, layout, text_lens, selection):
+    def _refresh(self, q, k, v, layout, text_lens, selection, heads):
         """Compute both partials, store the external one, return the merged (dense) output."""
         if not self.pattern.static and selection is None:
-            selection = self._reused_selection(q, k, layout)
+            selection = self._reused_selection(q, k, layout, heads)
         out_in, lse_in, out_ex, lse_ex = attention_partials(q, k, v, self.pattern, layout=layout, impl=self.impl,
                                                             text_lens=text_lens, selection=selection)
         config = self.cache
         self.state.cache[(self.layer, self.state.branch)] = CacheEntry(
-            step=self.state.step, key=self._cache_key(q, layout),
+            step=self.state.step, key=self._cache_key(q, layout, heads), heads=heads,
             out_ext=None if config.light else stored(out_ex, config), lse_ext=stored(lse_ex, config, torch.float32),
             lse_in=stored(lse_in, config, torch.float32) if config.lse_gate is not None else None,
             out_in=stored(out_in, config) if config.cosine_gate is not None else None,
         )
         return merge_partials(out_in, lse_in, out_ex, lse_ex)[0]
 
-    def _attend_cached(self, q, k, v, layout, text_lens, selection):
+    def _attend_cached(self, q, k, v, layout, text_lens, selection, heads):
         state, config = self.state, self.cache
         entry = state.cache.get((self.layer, state.branch))
-        stale = entry is None or entry.key != self._cache_key(q, layout) or not 0 <= state.step - entry.step < config.refresh_every
+        stale = (entry is None or entry.key != self._cache_key(q, layout, heads)
+                 or not 0 <= state.step - entry.step < config.refresh_every)
         if stale:
-            return self._refresh(q, k, v, layout, text_lens, selection)
+            return self._refresh(q, k, v, layout, text_lens, selection, heads)
         out_in, lse_in = attention(q, k, v, self.pattern, layout=layout, impl=self.impl, return_lse=True,
                                    text_lens=text_lens, selection=selection)
         if config.lse_gate is not None or config.cosine_gate is not None:
-            heads = drifted_heads(entry, out_in, lse_in, config)
-            if bool(heads.any()):
-                self._refresh_heads(entry, heads, q, k, v, layout, selection, out_in, lse_in)
+            drifted = drifted_heads(entry, out_in, lse_in, config)
+            if bool(drifted.any()):
+                self._refresh_heads(entry, drifted, q, k, v, layout, selection, out_in, lse_in)
         lse_ex = entry.lse_ext.to(q.device, non_blocking=True)
         if entry.out_ext is None:
             return light_merge(out_in, lse_in, lse_ex)
         out_ex = entry.out_ext.to(q.device, q.dtype, non_blocking=True)
         return merge_partials(out_in, lse_in, out_ex, lse_ex)[0]
 
-    def _refresh_heads(self, entry: CacheEntry, heads: torch.Tensor, q, k, v, layout, selection, out_in, lse_in):
-        """Recompute the external part of the drifted heads only."""
-        idx = heads.nonzero()[:, 0]
+    def _refresh_heads(self, entry: CacheEntry, drifted: torch.Tensor, q, k, v, layout, selection, out_in, lse_in):
+        """Recompute the external part of the ``drifted`` heads only (``bool [H]``, local to q)."""
+        idx = drifted.nonzero()[:, 0]
         sel = selection[:, idx] if selection is not None else None
         out_ex, lse_ex = external_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx], self.pattern, layout=layout,
                                             impl=self.impl, selection=sel)
@@ -207,12 +236,13 @@ class SparseAttentionCore:
             entry.out_in[:, :, cpu_idx] = out_in[:, :, idx].to(entry.out_in.device, entry.out_in.dtype)
         self.state.head_refreshes += int(idx.numel())
 
-    def _reused_selection(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """The layer's block selection, recomputed every ``selection_every`` steps per CFG branch
-        and whenever the shapes change."""
+    def _reused_selection(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout,
+                          heads: tuple[int, int]) -> torch.Tensor:
+        """The layer's block selection for global heads ``heads``, recomputed every
+        ``selection_every`` steps per CFG branch and whenever the shapes change."""
         state = self.state
         key = (self.layer, state.branch)
-        shape = (tuple(q.shape), layout)
+        shape = (tuple(q.shape), layout, heads)
         cached = state.selections.get(key)
         if cached is not None and cached[1] == shape and 0 <= state.step - cached[0] < self.schedule.selection_every:
             return cached[2]

@@ -18,6 +18,8 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..tokens import TokenLayout
 
+HOOK_NAME = "diffattn.generation_state"  # the hook's name in the transformer's diffusers HookRegistry
+
 
 @dataclass
 class GenerationState:
@@ -69,15 +71,18 @@ class GenerationStateHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, adapter, state: GenerationState, scheduler=None, handle=None):
+    def __init__(self, adapter, state: GenerationState, scheduler=None, handle=None, sparse: bool = True):
         super().__init__()
         self.adapter = adapter
         self.state = state
         self.scheduler = scheduler
         self.handle = handle
+        self.sparse = sparse  # some attention may run sparse (checked under context parallelism)
         self.contexts = StateManager(_ContextOnly)  # receives cache_context("cond" / "uncond")
 
     def pre_forward(self, module, *args, **kwargs):
+        if self.sparse and getattr(module, "_parallel_config", None) is not None:
+            self._check_parallel(module)
         state = self.state
         context = self.contexts._context
         state.branch = context.name if context is not None else None
@@ -97,6 +102,16 @@ class GenerationStateHook(ModelHook):
         state.timestep = t
         state.calls += 1
         return args, kwargs
+
+    def _check_parallel(self, module) -> None:
+        """Under context parallelism: Ulysses only, and this hook must read the global inputs
+        (before diffusers splits them). Raised at the first call, not after the dense warm-up."""
+        from .parallel import check_hook_order, check_supported, context_parallel_config
+
+        cp = context_parallel_config(module._parallel_config)
+        if cp is not None:
+            check_supported(cp)
+            check_hook_order(module, HOOK_NAME)
 
     def post_forward(self, module, output):
         if self.state.cache:

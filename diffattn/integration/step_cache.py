@@ -71,11 +71,13 @@ class CacheEntry:
     """The stored external partial of one layer and CFG branch."""
 
     step: int
-    key: tuple  # (shape, dtype, device, token layout): any change invalidates
+    key: tuple  # (shape, dtype, device, token layout, heads): any change invalidates
     out_ext: torch.Tensor | None  # [B, S, H, D], store dtype, maybe on CPU (None in light mode)
     lse_ext: torch.Tensor  # [B, S, H] float32
     lse_in: torch.Tensor | None = None  # for the lse gate
     out_in: torch.Tensor | None = None  # for the cosine gate
+    heads: tuple[int, int] | None = None  # global indices (first, stop) of the H heads held: under Ulysses
+    # context parallelism each rank keeps the entries of its own heads
 
     @property
     def nbytes(self) -> int:
