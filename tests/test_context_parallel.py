@@ -197,6 +197,40 @@ def _uneven_tokens(rank: int, world: int) -> dict:
     return results
 
 
+def _pipeline(apply_first: bool) -> dict:
+    """The embedded tiny WanPipeline (CFG, scheduler steps, diffattn applied to the pipeline) with
+    a window and the step cache: frames from two ranks and, on rank 0, from one process."""
+    import diffattn
+    from diffattn import SlidingWindow, StepCache
+    from diffattn.integration.parallel import enable_ulysses
+    from diffattn.pipelines import build_embedded_wan_pipeline
+
+    settings = dict(height=64, width=96, num_frames=9, num_inference_steps=4, guidance_scale=5.0,
+                    max_sequence_length=16, output_type="np")
+    kwargs = dict(dense_steps=1, cache=StepCache(refresh_every=2))
+
+    def frames(pipe):
+        return torch.from_numpy(pipe("a fox", generator=torch.Generator().manual_seed(0), **settings).frames[0])
+
+    pipe = build_embedded_wan_pipeline(seed=0)
+    result = {}
+    if torch.distributed.get_rank() == 0:
+        result["dense"] = frames(pipe)
+        diffattn.apply(pipe, SlidingWindow((1, 3, 3)), **kwargs)
+        result["single"] = frames(pipe)
+        diffattn.remove(pipe)
+    if apply_first:
+        diffattn.apply(pipe, SlidingWindow((1, 3, 3)), **kwargs)
+        enable_ulysses(pipe, WORLD)
+    else:
+        enable_ulysses(pipe, WORLD)
+        diffattn.apply(pipe, SlidingWindow((1, 3, 3)), **kwargs)
+    result["parallel"] = frames(pipe)
+    diffattn.remove(pipe)  # diffusers' processors come back with the parallel config
+    result["removed"] = frames(pipe)
+    return result
+
+
 def worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -217,6 +251,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
             diffattn.apply(single, pattern, **kwargs)
             entry["single"] = _steps(single, call)
         results[name] = entry
+    results["pipeline"] = _pipeline(apply_first=True)
     results["errors"] = _refusals()
     results["uneven"] = _uneven_tokens(rank, world)
     torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -257,6 +292,15 @@ def test_two_ranks_equal_one_process(ranks, name):
     torch.testing.assert_close(second["parallel"], first["parallel"], atol=ATOL, rtol=0)
     if name in SCENARIOS:  # not vacuous: the sparse pattern (or the reused cache) changes the output
         assert (first["single"] - first["dense"]).abs().max() > 1e-3
+
+
+def test_wan_pipeline_with_cfg_and_cache(ranks):
+    first, second = ranks[0]["pipeline"], ranks[1]["pipeline"]
+    torch.testing.assert_close(first["parallel"], first["single"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(second["parallel"], first["parallel"], atol=ATOL, rtol=0)
+    assert (first["single"] - first["dense"]).abs().max() > 1e-3
+    for rank in ranks:  # after diffattn.remove: diffusers' dense Ulysses attention
+        torch.testing.assert_close(rank["pipeline"]["removed"], first["dense"], atol=ATOL, rtol=0)
 
 
 def test_each_rank_caches_its_own_heads(ranks):
@@ -343,6 +387,15 @@ def test_enable_ulysses_checks_its_arguments(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(RuntimeError, match="torchrun"):
         enable_ulysses(model, 3)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import diffattn.integration.parallel as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
 
 
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "worker":

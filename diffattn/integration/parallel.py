@@ -240,31 +240,52 @@ class ParallelInfo:
         return self.rank == 0
 
 
-def _init_distributed(degree: int) -> None:
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise RuntimeError(
-            f"ulysses degree {degree} needs one process per rank: launch with "
-            f"'torchrun --nproc-per-node {degree} ...' (RANK and WORLD_SIZE are not set)"
-        )
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+def init_distributed(degree: int) -> ParallelInfo:
+    """Join the process group of a ``torchrun`` launch (once; NCCL on CUDA, Gloo otherwise; the
+    CUDA device is ``LOCAL_RANK``) and say where this process stands. ``degree`` 1: a single
+    process, nothing to join. Call it before loading the pipeline to know its device.
+
+    Raises ``RuntimeError`` when ``degree > 1`` but the process was not started by torchrun, and
+    ``ValueError`` when ``degree`` is not the number of processes."""
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"degree must be an int >= 1, got {degree!r}")
+    cuda = torch.cuda.is_available()
+    if degree == 1:
+        return ParallelInfo(0, 1, 0, torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"), 1)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise RuntimeError(
+                f"ulysses degree {degree} needs one process per rank: launch with "
+                f"'torchrun --nproc-per-node {degree} ...' (RANK and WORLD_SIZE are not set)"
+            )
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world != degree:
+        raise ValueError(f"ulysses degree {degree} must equal the number of processes ({world}); launch with "
+                         f"'torchrun --nproc-per-node {degree}'")
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    return ParallelInfo(rank, world, local_rank, torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+                        degree)
 
 
 def enable_ulysses(target, degree: int, *, anything: bool = False) -> ParallelInfo:
     """Run every transformer of ``target`` (a pipeline or a transformer) under diffusers' Ulysses
     context parallelism over ``degree`` processes, with or without diffattn applied.
 
-    Initialises ``torch.distributed`` from torchrun's environment when needed (NCCL on CUDA,
-    Gloo otherwise; the CUDA device is ``LOCAL_RANK``), then calls
+    Joins torchrun's process group when needed (``init_distributed``), then calls
     ``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree,
     ulysses_anything=anything))`` on each transformer. When diffattn is already applied, its
     generation-state hook is moved in front of diffusers' input split, so it keeps reading the
-    global token layout. Move the pipeline to ``info.device`` (before or after) and let only
-    ``info.is_main`` write outputs.
+    global token layout. Every rank must run the pipeline with the same inputs (prompt, seed);
+    the pipeline belongs on ``info.device``, and only ``info.is_main`` should write outputs.
+
+    >>> from diffusers import WanTransformer3DModel
+    >>> model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+    ...                               out_channels=4, text_dim=8, freq_dim=8, ffn_dim=16, num_layers=1)
+    >>> enable_ulysses(model, 1).world_size  # one process: nothing to split
+    1
 
     Args:
         target: a diffusers pipeline (``transformer``, and ``transformer_2`` when present) or a
@@ -282,33 +303,25 @@ def enable_ulysses(target, degree: int, *, anything: bool = False) -> ParallelIn
 
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
         raise ValueError(f"degree must be an int >= 1, got {degree!r}")
-    if degree == 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        return ParallelInfo(0, 1, 0, device, 1)
     transformers, _ = _transformers(target)
     for name, transformer in transformers.items():
         if getattr(transformer, "_cp_plan", None) is None:
             raise ValueError(f"{name} ({type(transformer).__name__}) has no context-parallel plan (_cp_plan) in "
                              "diffusers, so it cannot run under Ulysses")
         heads = getattr(transformer.config, "num_attention_heads", None)
-        if not anything and isinstance(heads, int) and heads % degree:
+        if degree > 1 and not anything and isinstance(heads, int) and heads % degree:
             raise ValueError(f"{name} has {heads} attention heads, not divisible by ulysses degree {degree}; pass "
                              "anything=True (ulysses_anything)")
-    _init_distributed(degree)
-    world = dist.get_world_size()
-    if world != degree:
-        raise ValueError(f"degree {degree} must equal the number of processes ({world}); launch with "
-                         f"'torchrun --nproc-per-node {degree}'")
+    info = init_distributed(degree)
+    if degree == 1:
+        return info
     if torch.accelerator.device_count() < 1:
         raise RuntimeError("diffusers' context parallelism needs an accelerator (torch.accelerator.device_count() "
                            ">= 1); none is visible to this process")
     for transformer in transformers.values():
         transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree, ulysses_anything=anything))
         move_state_hook_outermost(transformer)
-    rank = dist.get_rank()
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return ParallelInfo(rank, world, local_rank, device, degree)
+    return info
 
 
 # --- communication --------------------------------------------------------------------
