@@ -384,6 +384,8 @@ def test_enable_ulysses_checks_its_arguments(monkeypatch):
         enable_ulysses(model, 0)
     with pytest.raises(ValueError, match="3 attention heads"):
         enable_ulysses(model, 2)
+    with pytest.raises(ValueError, match="cannot pad"):
+        enable_ulysses(model, 5, anything=True)  # 2 padding heads, 1 head per rank
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(RuntimeError, match="torchrun"):
         enable_ulysses(model, 3)

@@ -32,7 +32,6 @@ or selected block pattern over the global sequence would have to be cut per chun
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from dataclasses import dataclass
 
@@ -40,8 +39,6 @@ import torch
 import torch.distributed as dist
 
 from ..tokens import TokenLayout
-
-logger = logging.getLogger("diffattn")
 
 SUPPORTED_MODE = "Ulysses (ContextParallelConfig(ulysses_degree=N), optionally ulysses_anything=True)"
 CP_INPUT_HOOK = "cp_input---"  # diffusers' name of the input-split hook on the transformer itself ("" in _cp_plan)
@@ -309,9 +306,13 @@ def enable_ulysses(target, degree: int, *, anything: bool = False) -> ParallelIn
             raise ValueError(f"{name} ({type(transformer).__name__}) has no context-parallel plan (_cp_plan) in "
                              "diffusers, so it cannot run under Ulysses")
         heads = getattr(transformer.config, "num_attention_heads", None)
-        if degree > 1 and not anything and isinstance(heads, int) and heads % degree:
-            raise ValueError(f"{name} has {heads} attention heads, not divisible by ulysses degree {degree}; pass "
-                             "anything=True (ulysses_anything)")
+        if degree > 1 and isinstance(heads, int) and heads % degree:
+            if not anything:
+                raise ValueError(f"{name} has {heads} attention heads, not divisible by ulysses degree {degree}; "
+                                 "pass anything=True (ulysses_anything)")
+            if (-heads) % degree >= -(-heads // degree):  # diffusers pads fewer heads than a rank holds
+                raise ValueError(f"{name} has {heads} attention heads: diffusers' ulysses_anything cannot pad them "
+                                 f"to {degree} ranks; use a degree that divides {heads} or leaves less padding")
     info = init_distributed(degree)
     if degree == 1:
         return info
