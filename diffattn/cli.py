@@ -133,10 +133,22 @@ def cmd_generate(args) -> int:
                                 dense_steps=args.dense_steps, dense_layers=args.dense_layers,
                                 dense_last_steps=args.dense_last_steps)
         highres = _highres_config(args, method)
+        if args.ulysses < 1:
+            raise CliError(f"--ulysses must be a number of processes >= 1, got {args.ulysses}")
+        if args.ulysses > 1 and args.upscale is not None:
+            raise CliError("--ulysses does not combine with --upscale yet")
+        if args.ulysses_anything and args.ulysses == 1:
+            raise CliError("--ulysses-anything needs --ulysses N with N > 1")
         generate(prompts=prompts, seed=args.seed, method=method, model=args.model, preset=preset,
                  preset_name=args.preset, settings_cli=settings, out=args.out, impl=args.impl, device=args.device,
                  dtype=args.dtype, fps=args.fps, progress=not args.no_progress, cache=args.step_cache,
-                 upscale=args.upscale, highres=highres)
+                 upscale=args.upscale, highres=highres, ulysses=args.ulysses,
+                 ulysses_anything=args.ulysses_anything)
+    if args.ulysses > 1:
+        import torch.distributed
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
@@ -325,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --upscale: 'strength=0.7,guide_every=2,window=31x53,scale=auto,flow_shift=9,"
                           "attention=freeswim|window|dense,steps=N,interpolation=linear,store_dtype=bfloat16,"
                           "offload=true' (every key optional; defaults: FreeSwim's)")
+    gen.add_argument("--ulysses", type=int, default=1, metavar="N",
+                     help="diffusers' Ulysses context parallelism over N processes, one GPU each "
+                          "(launch with 'torchrun --nproc-per-node N -m diffattn.cli generate ... --ulysses N')")
+    gen.add_argument("--ulysses-anything", action="store_true",
+                     help="with --ulysses: allow token and head counts that N does not divide")
     gen.set_defaults(func=cmd_generate)
 
     cmp = sub.add_parser(

@@ -917,12 +917,16 @@ def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | 
              preset_name: str | None = None, settings_cli: dict | None = None, out: list[str] | None = None,
              impl: str = "auto", device: str | None = None, dtype: str = "auto", fps: float | None = None,
              progress: bool = True, log: Callable = print, cache=None, upscale: float | None = None,
-             highres=None) -> list[dict]:
+             highres=None, ulysses: int = 1, ulysses_anything: bool = False) -> list[dict]:
     """Generate one output per prompt; returns the JSON records written.
 
     ``upscale``: training-free high resolution (``diffattn.pipelines.highres``): each output is
     generated at the native size, upscaled by this factor and refined with FreeSwim's window and
     full branches (``highres``: a ``HighResConfig``, default FreeSwim's); ``method`` must be dense.
+
+    ``ulysses``: run under diffusers' Ulysses context parallelism over this many processes (one per
+    GPU, started by ``torchrun``); every rank generates with the same prompt and seed, rank 0 alone
+    logs and writes the outputs, whose JSON gets the all-to-all traffic per layer.
     """
     from .attention import choose_impl
 
@@ -930,6 +934,12 @@ def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | 
     plans = plan_outputs(out, prompts)
     if upscale is not None and (not method.plain_dense or cache is not None):
         raise UserError("--upscale runs its own attention on the high-resolution pass: use a dense method and no --cache")
+    parallel = None
+    if ulysses != 1:
+        parallel = _join_ulysses(ulysses)
+        device = str(parallel.device)
+        if not parallel.is_main:
+            log, progress = (lambda *a, **k: None), False
     target = load_target(model, preset, device=device, dtype=dtype, log=log)
     settings = generation_settings(target, preset, **(settings_cli or {}))
     if upscale is not None:
@@ -943,6 +953,8 @@ def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | 
     if cache is not None and method.plain_dense:
         raise UserError("--cache needs a sparse method: dense attention has nothing to reuse")
     handle = install(target.pipe, method, impl, cache)
+    if parallel is not None:
+        _enable_ulysses(target.pipe, ulysses, ulysses_anything)
     log(f"method: {method.label}" + (f" -> {handle}" if handle is not None else " (diffusers' own attention processors)"))
     layers = _layers(target.pipe)
     try:
@@ -973,12 +985,16 @@ def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | 
                             settings.get("num_inference_steps") or len(result.timings.get("steps", [])), layers),
             **frames_record(frames, fps),
             "cache": cache_record(handle),
+            "parallel": parallel_record(target.pipe, parallel, result.layout),
             "timings_s": _round_timings({"load": target.load_s, **result.timings}),
             "timings_note": ("generate = the pipeline call (text encoding, denoising, decoding); steps[0] runs from "
                              "the first transformer call to the end of step 0; self_attention = time inside the "
                              "self-attention modules (projections, norms, RoPE, attention, output projection)"),
             "versions": versions(),
         }
+        if parallel is not None and not parallel.is_main:
+            records.append(record)
+            continue
         written = write_outputs(frames, plan, record, fps=fps)
         record["outputs"] = written
         records.append(record)
@@ -987,5 +1003,47 @@ def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | 
             f"{frames.shape[2]}x{frames.shape[1]}, generated in {result.timings['generate']:.1f} s)")
     if target.embedded:
         log("note: " + EMBEDDED_NOTE)
+    if parallel is not None:
+        import torch.distributed
+
+        torch.distributed.barrier()
     log(f"done in {time.perf_counter() - t_start:.1f} s")
     return records
+
+
+def _join_ulysses(degree: int):
+    from .integration.parallel import init_distributed
+
+    try:
+        return init_distributed(degree)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"--ulysses {degree}: {exc}") from None
+
+
+def _enable_ulysses(pipe, degree: int, anything: bool) -> None:
+    from .integration.parallel import enable_ulysses
+
+    try:
+        enable_ulysses(pipe, degree, anything=anything)
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        raise UserError(f"--ulysses {degree}: {exc}") from None
+
+
+def parallel_record(pipe, parallel, layout) -> dict | None:
+    """The JSON record of a context-parallel run: degree, world size and the all-to-all bytes per
+    self-attention layer for the run's token count (None for a single process)."""
+    if parallel is None:
+        return None
+    import torch
+
+    from .integration.parallel import ulysses_bytes_per_layer
+
+    record = {"ulysses": parallel.degree, "world_size": parallel.world_size}
+    transformer = next(iter(_transformers(pipe).values()))
+    cfg = transformer.config
+    heads, head_dim = getattr(cfg, "num_attention_heads", None), getattr(cfg, "attention_head_dim", None)
+    if layout is not None and heads and head_dim:
+        dtype_bytes = torch.finfo(transformer.dtype).bits // 8
+        record["all_to_all_per_layer"] = ulysses_bytes_per_layer(layout.seq_len, heads, head_dim, parallel.degree,
+                                                                 dtype_bytes=dtype_bytes).record()
+    return record

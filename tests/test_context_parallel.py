@@ -256,7 +256,21 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     results["uneven"] = _uneven_tokens(rank, world)
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.barrier()
-    dist.destroy_process_group()
+    _cli(rank, Path(out))  # last: the command ends the process group
+
+
+CLI_ARGS = ["generate", "--method", "window:1x3x3", "--steps", "3", "--size", "64x64", "--frames", "5", "--seed", "3",
+            "--no-progress"]
+
+
+def _cli(rank: int, out: Path) -> None:
+    """``diffattn generate --ulysses 2`` on both ranks (each writes to its own folder: only rank 0
+    may write), then, on rank 0, the same command in one process."""
+    from diffattn.cli import main
+
+    assert main([*CLI_ARGS, "--ulysses", str(WORLD), "--out", str(out / f"cli-rank{rank}" / "fox.png")]) == 0
+    if rank == 0:
+        assert main([*CLI_ARGS, "--out", str(out / "cli-single" / "fox.png")]) == 0
 
 
 # --- the tests (pytest process) -------------------------------------------------------------
@@ -269,7 +283,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cp")
     port = _free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -278,11 +292,33 @@ def ranks(tmp_path_factory):
     logs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
     for r, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)], out
+
+
+@pytest.fixture(scope="module")
+def ranks(run):
+    return run[0]
 
 
 SCENARIOS = ["wan-window", "flux-window", "wan-radial", "wan-topk", "flux-topk", "wan-cache", "flux-cache",
              "wan-heads3", "flux-heads3"]
+
+
+def test_cli_generate_ulysses_writes_once_and_equals_one_process(run):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    out = run[1]
+    assert not (out / "cli-rank1").exists() or not any((out / "cli-rank1").iterdir())  # rank 1 writes nothing
+    parallel, single = (out / "cli-rank0", out / "cli-single")
+    record = json.loads((parallel / "fox.json").read_text())
+    assert record["parallel"]["ulysses"] == WORLD and record["parallel"]["world_size"] == WORLD
+    assert record["parallel"]["all_to_all_per_layer"]["per_rank_sent_bytes"] > 0
+    assert json.loads((single / "fox.json").read_text())["parallel"] is None
+    a, b = (np.asarray(Image.open(folder / "fox.png"), dtype=np.int16) for folder in (parallel, single))
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1  # equal frames (up to 8-bit rounding)
 
 
 @pytest.mark.parametrize("name", SCENARIOS + ["wan-gated"])
