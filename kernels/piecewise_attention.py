@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .block_sparse_attention import _attend_block, _attend_range, _store_rows
+from .block_sparse_attention import _attend_block, _attend_range, _query_block, _store_rows
 
 
 @triton.jit
@@ -53,37 +53,15 @@ def piecewise_attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-
-    is_visual = pid_m < n_vis_q_blocks
-    if is_visual:
-        q_loc = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_valid = q_loc < n_vis
-        rows = vis_start + q_loc
-    else:
-        t_loc = (pid_m - n_vis_q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_valid = t_loc < text_len
-        rows = text_start + t_loc
-
-    offs_d = tl.arange(0, BLOCK_D)
+    # text query blocks follow the visual ones (they are the dense rows)
+    b, h, is_visual, q_loc, rows, row_valid, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end = _query_block(
+        Q, K, V, TextLens, pid_m, tl.program_id(1), num_heads, vis_start, n_vis, text_start, text_len,
+        text_start, text_len, n_vis_q_blocks,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+        HEAD_DIM, BLOCK_D, BLOCK_M, HAS_TEXT_LENS, UPCAST)
     d_valid = offs_d < HEAD_DIM
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-              + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :])
-    q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)  # [BM, BD]
-    if UPCAST:
-        q = q.to(tl.float32)
-    k_ptrs = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_d[:, None]
-    v_ptrs = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_d[None, :]
-
-    text_end = text_start + text_len  # text keys in [text_stop, text_end) are padding of this batch row
-    if HAS_TEXT_LENS:
-        text_stop = text_start + tl.minimum(tl.load(TextLens + b), text_len)
-        dense_stop = text_stop  # text queries: [0, text_stop), then [text_end, seq_len)
-    else:
-        text_stop = text_end
-        dense_stop = seq_len
+    # text queries attend [0, text_stop), then [text_end, seq_len)
+    dense_stop = text_stop if HAS_TEXT_LENS else seq_len
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)  # exact denominator

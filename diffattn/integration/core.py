@@ -199,7 +199,7 @@ class SparseAttentionCore:
             lse_in=stored(lse_in, config, torch.float32) if config.lse_gate is not None else None,
             out_in=stored(out_in, config) if config.cosine_gate is not None else None,
         )
-        return merge_partials(out_in, lse_in, out_ex, lse_ex)[0]
+        return merge_partials(out_in, lse_in, out_ex, lse_ex, impl=self.impl)[0]
 
     def _attend_cached(self, q, k, v, layout, text_lens, selection, heads):
         state, config = self.state, self.cache
@@ -218,7 +218,7 @@ class SparseAttentionCore:
         if entry.out_ext is None:
             return light_merge(out_in, lse_in, lse_ex)
         out_ex = entry.out_ext.to(q.device, q.dtype, non_blocking=True)
-        return merge_partials(out_in, lse_in, out_ex, lse_ex)[0]
+        return merge_partials(out_in, lse_in, out_ex, lse_ex, impl=self.impl)[0]
 
     def _refresh_heads(self, entry: CacheEntry, drifted: torch.Tensor, q, k, v, layout, selection, out_in, lse_in):
         """Recompute the external part of the ``drifted`` heads only (``bool [H]``, local to q)."""
@@ -247,6 +247,6 @@ class SparseAttentionCore:
         if cached is not None and cached[1] == shape and 0 <= state.step - cached[0] < self.schedule.selection_every:
             return cached[2]
         scale = q.shape[-1] ** -0.5
-        keep = select_blocks(q, k, self.pattern, layout, scale)
+        keep = select_blocks(q, k, self.pattern, layout, scale, impl=self.impl)
         state.selections[key] = (state.step, shape, keep)
         return keep
