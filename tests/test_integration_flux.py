@@ -371,3 +371,23 @@ def test_pipeline_step_index_with_true_cfg(pipe, prompt):
         diffattn.remove(pipe)
     layout = TokenLayout((8, 8), text_len=PIPE_TEXT, text_first=True)
     assert seen == [(i, 4, layout) for i in range(4) for _ in range(2)]
+
+
+def test_bf16_timesteps_of_a_long_shifted_schedule_map_to_their_step():
+    """A bf16 Flux call passes t / 1000, which rounds onto a neighbouring step near t = 1000 when
+    the schedule is long; the scheduler's step_index resolves it."""
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffattn.integration.state import match_step
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(200)
+    timesteps = scheduler.timesteps
+    passed = [float((t / 1000).to(torch.bfloat16)) * 1000 for t in timesteps]  # what the adapter reads
+    assert any(match_step(timesteps, t) != i for i, t in enumerate(passed))  # nearest alone is off
+    for i, t in enumerate(passed):
+        assert match_step(timesteps, t, SimpleNamespace(step_index=i, begin_index=None)) == i
+    # fp32 timesteps: the nearest entry, whatever the scheduler says about a far step
+    assert match_step(timesteps, float(timesteps[50]), SimpleNamespace(step_index=120, begin_index=None)) == 50

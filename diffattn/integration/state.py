@@ -66,6 +66,26 @@ def _first_timestep(value) -> float | None:
     return float(value)
 
 
+def match_step(timesteps: torch.Tensor, t: float, scheduler=None) -> int:
+    """The index of timestep ``t`` in the scheduler's ``timesteps``.
+
+    The nearest entry, except where the model received its timestep in low precision: a bf16
+    Flux call passes ``t / 1000``, which near ``t = 1000`` rounds by up to ~4 units, more than
+    the spacing of a long, shifted schedule. Among the entries within that rounding of the nearest,
+    the scheduler's own ``step_index`` (the step it is about to take) decides.
+    """
+    dist = (timesteps.double().cpu() - t).abs()
+    best = int(dist.argmin())
+    index = getattr(scheduler, "step_index", None)
+    if index is None:
+        index = getattr(scheduler, "begin_index", None)
+    if isinstance(index, int) and 0 <= index < len(dist) and index != best:
+        rounding = abs(t) * 2.0**-7  # bf16's relative spacing (fp16's is finer)
+        if float(dist[index]) <= float(dist[best]) + rounding:
+            return index
+    return best
+
+
 class GenerationStateHook(ModelHook):
     """Records the token layout and step index before each transformer forward."""
 
@@ -92,7 +112,7 @@ class GenerationStateHook(ModelHook):
         t = _first_timestep(self.adapter.timestep(args, kwargs))
         timesteps = getattr(self.scheduler, "timesteps", None) if self.scheduler is not None else None
         if t is not None and timesteps is not None and len(timesteps):
-            state.step = int((timesteps.float().cpu() - t).abs().argmin())
+            state.step = match_step(timesteps, t, self.scheduler)
             state.num_steps = len(timesteps)
         elif t is not None:
             if state.timestep is None or t > state.timestep:
