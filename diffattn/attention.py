@@ -11,7 +11,9 @@ from .block_layout import BlockLayout, check_block_sizes, layout_tensors
 from .patterns.base import Pattern, as_grid3, sequence_mask_mod
 from .patterns.piecewise import Piecewise, block_statistics, piecewise_attention_reference, pooled_first_order
 from .patterns.topk import selected_classes, selected_mask_mod
+from .patterns.window import SlidingWindow
 from .reference import masked_attention_reference
+from .tile_order import TileOrder
 from .tokens import TokenLayout
 
 logger = logging.getLogger("diffattn")
@@ -156,14 +158,43 @@ def _select(pattern: Pattern, q, k, layout: TokenLayout, scale: float, selection
     return selection
 
 
-def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: float, block_size, text_lens,
-                      selection=None) -> tuple:
-    from .kernels import block_sparse_attention, kernel_block_size
+def kernel_blocks(pattern: Pattern, head_dim: int, block_size=None, grid: tuple | None = None) -> tuple[int, int]:
+    """The kernel's (block_q, block_k): ``block_size`` or the head dim's default, capped by the
+    pattern's own block; for a tiled SlidingWindow (``grid`` needed), blocks whose tile-order
+    layout has no partial block (``SlidingWindow.tile_blocks``)."""
+    from .kernels import kernel_block_size
 
-    block_q, block_k = block_size or kernel_block_size(q.shape[-1])
+    block_q, block_k = block_size or kernel_block_size(head_dim)
+    if isinstance(pattern, SlidingWindow) and pattern.tile is not None:
+        return pattern.tile_blocks(tuple(grid), block_q, block_k, fixed=block_size is not None)
     limit = pattern.kernel_block_limit()
     if block_size is None and limit is not None:
         block_q, block_k = min(block_q, limit), min(block_k, limit)
+    return block_q, block_k
+
+
+def tile_order_of(pattern: Pattern, layout: TokenLayout) -> TileOrder | None:
+    """The token order the pattern's kernel runs in for ``layout``: a ``TileOrder`` for a tiled
+    SlidingWindow, None (raster order) otherwise."""
+    return pattern.tile_order(layout) if isinstance(pattern, SlidingWindow) else None
+
+
+def in_kernel_order(order: TileOrder | None, *tensors: torch.Tensor) -> tuple:
+    """``[B, S, ...]`` tensors in the kernel's token order (unchanged when ``order`` is None)."""
+    return tensors if order is None else tuple(order.to_tiles(t) for t in tensors)
+
+
+def in_raster_order(order: TileOrder | None, *tensors: torch.Tensor) -> tuple:
+    """The kernel's ``[B, S, ...]`` results back in raster token order."""
+    return tensors if order is None else tuple(order.from_tiles(t) for t in tensors)
+
+
+def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: float, block_size, text_lens,
+                      selection=None) -> tuple:
+    from .kernels import block_sparse_attention
+
+    block_q, block_k = kernel_blocks(pattern, q.shape[-1], block_size, layout.grid)
+    order = tile_order_of(pattern, layout)
     _, grid_h, grid_w = as_grid3(layout.grid)
     if pattern.is_dense:
         empty = torch.zeros((1, 1, 1), dtype=torch.int32, device=q.device)
@@ -183,7 +214,9 @@ def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: flo
         geometry = [layout.visual_start, layout.num_visual, layout.text_start, layout.text_len, grid_h, grid_w]
         mask_kind, params = pattern.kernel_mask(layout.grid)
     window = list(params) + [1] * (12 - len(params))
-    return block_sparse_attention(q, k, v, *tensors, geometry, window, mask_kind, scale, block_q, block_k, text_lens)
+    q, k, v = in_kernel_order(order, q, k, v)
+    out, lse = block_sparse_attention(q, k, v, *tensors, geometry, window, mask_kind, scale, block_q, block_k, text_lens)
+    return in_raster_order(order, out, lse)
 
 
 def _piecewise_triton(q, k, v, pattern: Piecewise, layout: TokenLayout, scale: float, selection=None,
@@ -247,6 +280,10 @@ def attention(
             prompt padding). Default: all text tokens are attended.
         selection: for dynamic patterns, the kept blocks from ``select_blocks`` (reused instead
             of selecting again). Default: select from q and k.
+
+    A SlidingWindow with a ``tile`` runs on Triton in tile-major token order: q, k, v are
+    permuted, the kernel visits only full blocks, and out / lse are permuted back, so the
+    result is in raster order like every other pattern's.
 
     Returns:
         ``out`` ``[B, S, H, D]`` in q's dtype, or ``(out, lse)`` with ``return_lse=True``.

@@ -18,7 +18,8 @@ import functools
 
 import torch
 
-from .attention import _check, _check_text_lens, _select, attention, choose_impl
+from .attention import (_check, _check_text_lens, _select, attention, choose_impl, in_kernel_order, in_raster_order,
+                        kernel_blocks, tile_order_of)
 from .block_layout import BlockLayout, build_block_layout, check_block_sizes, complement_layout_tensors, layout_tensors
 from .patterns.base import EMPTY, FULL, Pattern, as_grid3, pattern_from_spec
 from .patterns.piecewise import Piecewise
@@ -58,18 +59,6 @@ def merge_partials(out_1: torch.Tensor, lse_1: torch.Tensor, out_2: torch.Tensor
     out = (part_1 + part_2).to(out_1.dtype)
     lse = torch.where(total > 0, m + torch.log(safe), torch.full_like(m, float("-inf")))
     return out, lse
-
-
-def kernel_blocks(pattern: Pattern, head_dim: int, block_size=None) -> tuple[int, int]:
-    """The kernel's (block_q, block_k): ``block_size`` or the head dim's default, capped by the
-    pattern's own block."""
-    from .kernels import kernel_block_size
-
-    block_q, block_k = block_size or kernel_block_size(head_dim)
-    limit = pattern.kernel_block_limit()
-    if block_size is None and limit is not None:
-        block_q, block_k = min(block_q, limit), min(block_k, limit)
-    return block_q, block_k
 
 
 def _geometry(layout: TokenLayout) -> list[int]:
@@ -140,7 +129,7 @@ def external_attention(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
         return masked_attention_reference(q, k, v, mask, scale=scale)
     from .kernels import block_sparse_attention
 
-    block_q, block_k = kernel_blocks(pattern, q.shape[-1], block_size)
+    block_q, block_k = kernel_blocks(pattern, q.shape[-1], block_size, layout.grid)
     geometry = _geometry(layout)
     if pattern.static:
         tensors = complement_layout_tensors(pattern.spec(), layout.grid, block_q, block_k, str(q.device))
@@ -150,7 +139,10 @@ def external_attention(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
         tensors = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
         mask_kind, params = 0, ()
     window = list(params) + [1] * (12 - len(params))
-    return block_sparse_attention(q, k, v, *tensors, geometry, window, mask_kind, scale, block_q, block_k, None, True)
+    order = tile_order_of(pattern, layout)
+    q, k, v = in_kernel_order(order, q, k, v)
+    out, lse = block_sparse_attention(q, k, v, *tensors, geometry, window, mask_kind, scale, block_q, block_k, None, True)
+    return in_raster_order(order, out, lse)
 
 
 def _partials_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: float, block_size, text_lens,
@@ -158,7 +150,7 @@ def _partials_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: floa
     """Both partials from the one-pass kernel (``block_sparse_partials``)."""
     from .kernels import block_sparse_partials
 
-    block_q, block_k = kernel_blocks(pattern, q.shape[-1], block_size)
+    block_q, block_k = kernel_blocks(pattern, q.shape[-1], block_size, layout.grid)
     device = str(q.device)
     if pattern.static:
         internal = layout_tensors(pattern.spec(), layout.grid, block_q, block_k, device)
@@ -173,8 +165,11 @@ def _partials_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: floa
         external = (outside.full_num, outside.full_idx, outside.part_num)
         mask_kind, params = 0, ()
     window = list(params) + [1] * (12 - len(params))
-    return block_sparse_partials(q, k, v, *internal, *external, _geometry(layout), window, mask_kind, scale,
-                                 block_q, block_k, text_lens)
+    order = tile_order_of(pattern, layout)
+    q, k, v = in_kernel_order(order, q, k, v)
+    partials = block_sparse_partials(q, k, v, *internal, *external, _geometry(layout), window, mask_kind, scale,
+                                     block_q, block_k, text_lens)
+    return in_raster_order(order, *partials)
 
 
 def attention_partials(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: str = "auto", scale: float | None = None,
@@ -192,6 +187,9 @@ def attention_partials(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
         outputs ``[B, S, H, D]`` in q's dtype and lses ``[B, S, H]`` float32. Text rows and rows
         whose keys are all internal have an empty external partial (out 0, lse -inf); a Dense
         pattern's external partial is empty everywhere.
+
+    A tiled SlidingWindow runs the one-pass kernel in tile-major token order (every block is
+    wholly internal or wholly external); the partials come back in raster order.
 
     Raises:
         ValueError: for Piecewise, which covers every key and has no external part.

@@ -2,6 +2,12 @@
 
 For each DiT shape and pattern it reports the median time, the TFLOP/s on the (query, key)
 pairs the kernel computes, and the speedup over dense SDPA's best backend. Needs a CUDA GPU.
+
+Shapes whose grid can be cut into tiles of a multiple of 128 tokens also run the tile-aligned
+window (STA): the same window and stride once in raster order (partial blocks, window mask in
+the kernel) and once in tile order (full blocks only), each against FlexAttention with the same
+blocks. diffattn's tile-order time includes permuting q, k, v and un-permuting the output; the
+FlexAttention tile-order time does not, and ``extra["permute_ms"]`` reports that cost.
 """
 
 from __future__ import annotations
@@ -14,25 +20,35 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..attention import attention
+from ..attention import attention, kernel_blocks, tile_order_of
 from ..block_layout import build_block_layout
 from ..patterns import Dense, Pattern, Radial, SlidingWindow
+from ..tile_order import sequence_permutation
 from ..tokens import TokenLayout
 
 
 @dataclass(frozen=True)
 class Shape:
+    """A benchmark shape; ``sta``: ``(tile, window_tiles)`` of the tile-aligned window to run, or
+    None where no tile of a multiple of 128 tokens divides the grid (Wan 480p 21x30x52: at most
+    8-token tiles; HunyuanVideo 720p 33x45x80: at most 16)."""
+
     name: str
     layout: TokenLayout
     heads: int
     head_dim: int = 128
     batch: int = 1
+    sta: tuple | None = None
 
 
 SHAPES = {
     "wan-1.3b-480p-81f": Shape("wan-1.3b-480p-81f", TokenLayout((21, 30, 52)), heads=12),
-    "flux-1024": Shape("flux-1024", TokenLayout((64, 64), text_len=512, text_first=True), heads=24),
+    "flux-1024": Shape("flux-1024", TokenLayout((64, 64), text_len=512, text_first=True), heads=24,
+                       sta=((8, 16), (3, 3))),
     "hunyuan-720p-129f": Shape("hunyuan-720p-129f", TokenLayout((33, 45, 80), text_len=256, text_first=False), heads=24),
+    # NATTEN's and STA's HunyuanVideo shape (768x1280, 117 frames)
+    "hunyuan-768p-117f": Shape("hunyuan-768p-117f", TokenLayout((30, 48, 80), text_len=256, text_first=False), heads=24,
+                               sta=((6, 8, 8), (3, 3, 3))),
 }
 
 TARGET_DENSITIES = (0.5, 0.25, 0.1)
@@ -78,15 +94,28 @@ def patterns_for(shape: Shape, block_size: tuple[int, int]) -> list[tuple[str, P
     if len(shape.layout.grid) == 3 and shape.layout.grid[0] > 1:
         radial = Radial(0.95, sink=False) if shape.name.startswith("hunyuan") else Radial(0.2)
         out.append((f"radial decay={radial.decay} sink={radial.sink}", radial, None))
+    out += sta_patterns(shape)
     return out
 
 
-def computed_pairs(pattern: Pattern, layout: TokenLayout, block_size: tuple[int, int]) -> int:
-    """(query, key) pairs the kernel multiplies: visited visual blocks plus dense text."""
+def sta_patterns(shape: Shape) -> list[tuple[str, Pattern, None]]:
+    """The shape's tile-aligned window in tile order and the same window in raster order."""
+    if shape.sta is None:
+        return []
+    tiled = SlidingWindow.tiled(*shape.sta)
+    raster = SlidingWindow(tiled.window, stride=tiled.stride)
+    name = f"window {'x'.join(map(str, tiled.window))} stride {'x'.join(map(str, tiled.stride))}"
+    return [(f"{name} raster", raster, None), (f"{name} tile order (STA)", tiled, None)]
+
+
+def computed_pairs(pattern: Pattern, layout: TokenLayout, head_dim: int) -> int:
+    """(query, key) pairs the kernel multiplies: visited visual blocks (at the kernel's blocks for
+    ``head_dim``) plus dense text."""
     n, t, s = layout.num_visual, layout.text_len, layout.seq_len
     if pattern.is_dense:
         return s * s
-    visual = int(build_block_layout(pattern, layout.grid, *block_size).visited_tokens().max())
+    blocks = kernel_blocks(pattern, head_dim, None, layout.grid)
+    visual = int(build_block_layout(pattern, layout.grid, *blocks).visited_tokens().max())
     return visual + n * t + t * s
 
 
@@ -138,7 +167,7 @@ def flex_block_mask(pattern: Pattern, layout: TokenLayout, device):
     first = layout.visual_start // b
     visual = pattern.block_classes(layout.grid, b, b)
     nv = visual.shape[0]
-    classes[first : first + nv, first : first + nv] = visual
+    classes[first : first + nv, first : first + nv] = visual  # tile order for a tiled pattern
     mixed = {first + nv - 1} if layout.num_visual % b else set()
     if s % b:
         mixed.add(nbs - 1)
@@ -155,6 +184,10 @@ def flex_block_mask(pattern: Pattern, layout: TokenLayout, device):
     full_num, full_idx = indices(classes == FULL)
     mask = pattern.mask_mod(layout, device)
     mask_mod = lambda b_, h, q_idx, kv_idx: mask(q_idx, kv_idx)  # noqa: E731
+    order = tile_order_of(pattern, layout)
+    if order is not None:  # the mask of tile-order positions: the raster mask of their tokens
+        raster_of = sequence_permutation(layout, order.tile, str(torch.device(device)))[0]
+        mask_mod = lambda b_, h, q_idx, kv_idx: mask(raster_of[q_idx], raster_of[kv_idx])  # noqa: E731
     return BlockMask.from_kv_blocks(
         part_num[None, None].to(device), part_idx[None, None].to(device),
         full_num[None, None].to(device), full_idx[None, None].to(device),
@@ -163,11 +196,15 @@ def flex_block_mask(pattern: Pattern, layout: TokenLayout, device):
 
 
 def flex_ms(q, k, v, pattern: Pattern, layout: TokenLayout) -> tuple[float, float]:
-    """FlexAttention compiled, with the same block mask: (ms, flex computed block fraction)."""
+    """FlexAttention compiled, with the same block mask: (ms, flex computed block fraction). A
+    tiled pattern runs on q, k, v already in tile order (the permutation is not timed)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
     compiled = torch.compile(flex_attention, dynamic=False)
+    order = tile_order_of(pattern, layout)
+    if order is not None:
+        q, k, v = (order.to_tiles(t) for t in (q, k, v))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     if pattern.is_dense:
         fn = lambda: compiled(qt, kt, vt)  # noqa: E731
@@ -178,6 +215,15 @@ def flex_ms(q, k, v, pattern: Pattern, layout: TokenLayout) -> tuple[float, floa
     fn = lambda: compiled(qt, kt, vt, block_mask=block_mask)  # noqa: E731
     fn()
     return _median_ms(fn), computed
+
+
+def permute_ms(q, k, v, pattern: Pattern, layout: TokenLayout) -> float | None:
+    """Time of a tiled pattern's token permutation per call (q, k, v to tile order, the output
+    back), or None for a pattern that runs in raster order."""
+    order = tile_order_of(pattern, layout)
+    if order is None:
+        return None
+    return _median_ms(lambda: (order.to_tiles(q), order.to_tiles(k), order.from_tiles(order.to_tiles(v))))
 
 
 def xformers_ms(q, k, v) -> float | None:
@@ -246,20 +292,22 @@ def run_kernel_benchmark(
         if xf is not None:
             results.append(Result(name, "dense", None, 1.0, 1.0, "xformers", xf, dense_flops / xf / 1e9, sdpa / xf))
         for label, pattern, target in patterns_for(shape, block):
-            pairs = computed_pairs(pattern, layout, block)
+            pairs = computed_pairs(pattern, layout, shape.head_dim)
             flops = 4.0 * shape.batch * shape.heads * shape.head_dim * pairs
             bdens = pairs / layout.seq_len**2
             edens = pattern.density(layout)
             fn = lambda: attention(q, k, v, pattern, layout=layout, impl="triton")  # noqa: E731
             fn()
             ms = _median_ms(fn)
-            results.append(Result(name, label, target, bdens, edens, "diffattn", ms, flops / ms / 1e9, sdpa / ms))
+            permute = permute_ms(q, k, v, pattern, layout)
+            extra = {} if permute is None else {"permute_ms": permute}
+            results.append(Result(name, label, target, bdens, edens, "diffattn", ms, flops / ms / 1e9, sdpa / ms, extra))
             log(f"  {label:<34} computed {bdens:6.1%}  diffattn {ms:8.2f} ms {flops / ms / 1e9:6.0f} TFLOP/s "
-                f"x{sdpa / ms:5.2f} vs SDPA")
+                f"x{sdpa / ms:5.2f} vs SDPA" + ("" if permute is None else f"  (permutation {permute:.2f} ms of it)"))
             if with_flex:
                 try:
                     fms, fdens = flex_ms(q, k, v, pattern, layout)
-                    results.append(Result(name, label, target, fdens, edens, "flex", fms, 4.0 * shape.batch * shape.heads * shape.head_dim * fdens * layout.seq_len**2 / fms / 1e9, sdpa / fms))
+                    results.append(Result(name, label, target, fdens, edens, "flex", fms, 4.0 * shape.batch * shape.heads * shape.head_dim * fdens * layout.seq_len**2 / fms / 1e9, sdpa / fms, extra))
                     log(f"  {'':<34} flex blocks {fdens:6.1%}  flex     {fms:8.2f} ms  x{sdpa / fms:5.2f} vs SDPA")
                 except Exception as exc:  # flex is a comparison, not a requirement
                     log(f"  flex failed: {type(exc).__name__}: {exc}"[:300])

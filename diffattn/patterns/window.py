@@ -10,15 +10,24 @@ Per grid axis of length n, with window k, stride s and dilation r (METHODS secti
   ``[k // 2, n - 1 - (k // 2 + k % 2 - 1)]`` (an even window 2m covers m keys left, the
   query, m - 1 right);
 - a key is attended iff it is in the query's dilation group and window on every axis.
+
+Tile-aligned variant (STA): with ``tile`` set, every query tile must share one window that starts
+and ends on tile boundaries (stride == tile and window an odd multiple of the tile, per axis). The
+attended pairs are the same; only the execution changes: the kernel runs on the tokens in
+tile-major order (``diffattn.tile_order``), where every block is full or empty.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+
 import torch
 
-from .base import MASK_WINDOW, MaskMod, Pattern, as_grid3
+from ..tile_order import MIN_BLOCK, TileOrder, check_tile, largest_block, tile_block_classes, tile_volume
+from ..tokens import TokenLayout
+from .base import MASK_BOUNDS, MASK_WINDOW, PARTIAL, MaskMod, Pattern, as_grid3
 from .separable import separable_block_classes
 
 
@@ -78,6 +87,14 @@ class SlidingWindow(Pattern):
             spatial-only window is ``(None, kh, kw)``).
         stride: queries in groups of ``stride`` along an axis share one window. Default 1.
         dilation: the window samples every ``dilation``-th token. Default 1.
+        tile: ``None`` (default: the kernel runs in raster token order), a tile shape per axis,
+            or ``True`` (the tile is the stride). With a tile, the kernel runs on tokens in
+            tile-major order, where every block is full or empty (STA); the attended pairs are
+            exactly those without it. Needs, per axis: every tile's queries share one window
+            that starts and ends on tile boundaries (stride == tile and window an odd multiple
+            of the tile; ``None`` windows are fine), the axis a whole number of tiles, dilation 1,
+            and a tile volume that is a multiple of 16 (kernel blocks never straddle tiles).
+            ``SlidingWindow.tiled`` builds one from the tile and the window in tiles.
 
     Valid per axis: ``1 <= window * dilation <= axis length`` and ``stride <= window``.
 
@@ -85,22 +102,65 @@ class SlidingWindow(Pattern):
     >>> p = diffattn.SlidingWindow((3, 5, 5))
     >>> round(p.density(diffattn.TokenLayout((8, 16, 16))), 4)
     0.0366
+    >>> sta = diffattn.SlidingWindow.tiled(tile=(6, 8, 8), window_tiles=(3, 3, 3))
+    >>> sta
+    SlidingWindow(window=(18, 24, 24), stride=(6, 8, 8), dilation=1, tile=(6, 8, 8))
+    >>> sta.density(diffattn.TokenLayout((30, 48, 80))) == diffattn.SlidingWindow(
+    ...     (18, 24, 24), stride=(6, 8, 8)).density(diffattn.TokenLayout((30, 48, 80)))
+    True
     """
 
     window: object
     stride: object = 1
     dilation: object = 1
+    tile: object = None
 
     def __post_init__(self):
         object.__setattr__(self, "window", _per_axis(self.window, "window", allow_none=True))
         object.__setattr__(self, "stride", _per_axis(self.stride, "stride", allow_none=False))
         object.__setattr__(self, "dilation", _per_axis(self.dilation, "dilation", allow_none=False))
-        lengths = {len(v) for v in (self.window, self.stride, self.dilation) if isinstance(v, tuple)}
+        if self.tile is True:
+            object.__setattr__(self, "tile", self.stride)
+        elif self.tile is not None:
+            object.__setattr__(self, "tile", _per_axis(self.tile, "tile", allow_none=False))
+        lengths = {len(v) for v in (self.window, self.stride, self.dilation, self.tile) if isinstance(v, tuple)}
         if len(lengths) > 1:
             raise ValueError(
-                f"SlidingWindow window, stride and dilation tuples must have the same length, "
-                f"got window={self.window!r}, stride={self.stride!r}, dilation={self.dilation!r}"
+                f"SlidingWindow window, stride, dilation and tile tuples must have the same length, "
+                f"got window={self.window!r}, stride={self.stride!r}, dilation={self.dilation!r}, tile={self.tile!r}"
             )
+        dilations = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,)
+        if self.tile is not None and any(r != 1 for r in dilations):
+            raise ValueError(f"SlidingWindow tile={self.tile!r} needs dilation 1 on every axis, got dilation={self.dilation!r}")
+
+    @classmethod
+    def tiled(cls, tile, window_tiles) -> "SlidingWindow":
+        """The tile-aligned window (STA): ``window = tile * window_tiles`` and ``stride = tile`` per
+        axis, run in tile-major token order.
+
+        Args:
+            tile: tile shape in tokens, one int per grid axis (e.g. ``(6, 8, 8)``).
+            window_tiles: the window in tiles per axis, odd (``(3, 3, 3)``: each tile attends a
+                3 x 3 x 3 cube of tiles, shifted inward at borders); ``None``: the whole axis.
+
+        >>> SlidingWindow.tiled(tile=(4, 8), window_tiles=(None, 3))
+        SlidingWindow(window=(None, 24), stride=(4, 8), dilation=1, tile=(4, 8))
+        """
+        tile = _per_axis(tile, "tile", allow_none=False)
+        tiles = tile if isinstance(tile, tuple) else (tile,)
+        counts = window_tiles if isinstance(window_tiles, (tuple, list)) else (window_tiles,) * len(tiles)
+        if len(counts) != len(tiles):
+            raise ValueError(f"SlidingWindow.tiled window_tiles={window_tiles!r} needs one entry per tile axis {tiles!r}")
+        for axis, m in enumerate(counts):
+            if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1 or m % 2 == 0):
+                raise ValueError(f"SlidingWindow.tiled window_tiles[{axis}] must be an odd positive int (a window "
+                                 f"centred on its tile) or None (whole axis), got {m!r}")
+        window = tuple(None if m is None else m * t for m, t in zip(counts, tiles))
+        return cls(window, stride=tuple(tiles), tile=tuple(tiles))
+
+    def __repr__(self) -> str:
+        tile = "" if self.tile is None else f", tile={self.tile!r}"
+        return f"SlidingWindow(window={self.window!r}, stride={self.stride!r}, dilation={self.dilation!r}{tile})"
 
     def _axis_params(self, axis: int) -> tuple:
         """(window, stride, dilation) of one axis; window None means the whole axis."""
@@ -137,9 +197,55 @@ class SlidingWindow(Pattern):
                 )
             if s > k:
                 raise ValueError(f"SlidingWindow stride[{axis}]={s} is larger than window[{axis}]={k}; allowed: 1 <= stride <= window")
+        if self.tile is not None:
+            self._validate_tiles(tuple(grid))
+
+    def tile_shape(self, grid: tuple) -> tuple | None:
+        """The tile per axis of ``grid`` (None when the pattern runs in raster order)."""
+        if self.tile is None:
+            return None
+        return self.tile if isinstance(self.tile, tuple) else (self.tile,) * len(grid)
+
+    def _validate_tiles(self, grid: tuple) -> None:
+        tile = self.tile_shape(grid)
+        check_tile(grid, tile)
+        volume = tile_volume(tile)
+        if volume % MIN_BLOCK:
+            raise ValueError(f"SlidingWindow tile={tile} holds {volume} tokens; kernel blocks (powers of two >= "
+                             f"{MIN_BLOCK}) must not straddle tiles, so allowed tile volumes are multiples of {MIN_BLOCK}")
+        for axis, (n, t) in enumerate(zip(grid, tile)):
+            k, s, _ = self._axis_params(axis)
+            if k is None:
+                continue
+            if k % t:
+                raise ValueError(f"SlidingWindow window[{axis}]={k} is not a multiple of tile[{axis}]={t}; "
+                                 f"allowed: an odd multiple of the tile (e.g. {3 * t}) with stride == tile")
+            starts = AxisWindow(n, k, s).window_start(torch.arange(n))[1].reshape(n // t, t)
+            if bool((starts != starts[:, :1]).any()):
+                raise ValueError(f"SlidingWindow stride[{axis}]={s}: queries of one tile ({t} tokens on axis {axis}) "
+                                 f"get different windows; allowed: stride == tile[{axis}]={t}")
+            if bool((starts[:, 0] % t).any()):
+                raise ValueError(f"SlidingWindow window[{axis}]={k} with stride {s} starts off the tile boundaries "
+                                 f"(tile[{axis}]={t}); allowed: an odd multiple of the tile (window / tile = "
+                                 f"{k // t} is even)")
+
+    def tile_order(self, layout: TokenLayout) -> TileOrder | None:
+        """The token order the kernel runs in for ``layout`` (None: raster order)."""
+        return None if self.tile is None else TileOrder(layout, self.tile_shape(layout.grid))
+
+    def tile_blocks(self, grid: tuple, block_q: int, block_k: int, fixed: bool = False) -> tuple[int, int]:
+        """Kernel blocks for the tile-order layout, which must have no partial block (the kernel
+        evaluates no window mask there).
+
+        ``fixed=False``: ``block_k`` becomes the largest power of two <= it that divides the tile
+        volume; ``block_q`` the largest power of two <= it whose query blocks see one key set
+        each (a multiple of the tile when neighbouring tiles share their keys). ``fixed=True``:
+        the blocks are checked and kept, or a ValueError says why they cannot be used.
+        """
+        return _tile_blocks(self, tuple(grid), block_q, block_k, fixed)
 
     def spec(self) -> tuple:
-        return ("SlidingWindow", self.window, self.stride, self.dilation)
+        return ("SlidingWindow", self.window, self.stride, self.dilation, self.tile)
 
     def visual_mask_mod(self, grid: tuple, device=None) -> MaskMod:
         rules = self.axes(grid)
@@ -156,8 +262,15 @@ class SlidingWindow(Pattern):
         return mask
 
     def block_classes(self, grid: tuple, block_q: int, block_k: int) -> torch.Tensor:
+        """Block classes over the visual tokens, in raster order, or in tile-major order when the
+        pattern has a tile (then every block that does not straddle tiles is full or empty)."""
         matrices = [rule.matrix() for rule in self.axes(grid)]
-        return separable_block_classes(matrices, as_grid3(grid), block_q, block_k)
+        tile = self.tile_shape(grid)
+        if tile is None:
+            return separable_block_classes(matrices, as_grid3(grid), block_q, block_k)
+        tile3 = as_grid3(tile)
+        per_tile = [m[::t, ::t] for m, t in zip(matrices, tile3)]  # whole tiles attend whole tiles
+        return tile_block_classes(per_tile, as_grid3(grid), tile3, block_q, block_k)
 
     def visual_pairs(self, grid: tuple) -> int:
         pairs = 1
@@ -166,7 +279,27 @@ class SlidingWindow(Pattern):
         return pairs
 
     def kernel_mask(self, grid: tuple) -> tuple[int, tuple[int, ...]]:
+        if self.tile is not None:
+            return MASK_BOUNDS, ()  # tile order: no partial blocks, nothing to mask
         params = []
         for rule in self.axes(grid):
             params += [rule.n, rule.k, rule.s, rule.r]
         return MASK_WINDOW, tuple(params)
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_blocks(pattern: SlidingWindow, grid: tuple, block_q: int, block_k: int, fixed: bool) -> tuple[int, int]:
+    pattern.validate(grid)
+    if fixed:
+        if bool((pattern.block_classes(grid, block_q, block_k) == PARTIAL).any()):
+            volume = tile_volume(pattern.tile_shape(grid))
+            raise ValueError(f"block_size=({block_q}, {block_k}) cuts the {volume}-token tiles of {pattern!r} into "
+                             f"partial blocks; allowed: powers of two that divide {volume} (at most "
+                             f"{largest_block(volume)}), or block_size=None")
+        return block_q, block_k
+    volume = tile_volume(pattern.tile_shape(grid))
+    block_k = largest_block(volume, block_k)
+    smallest = largest_block(volume, block_q)  # never straddles a tile
+    while block_q > smallest and bool((pattern.block_classes(grid, block_q, block_k) == PARTIAL).any()):
+        block_q //= 2
+    return block_q, block_k
