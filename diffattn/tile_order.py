@@ -92,8 +92,10 @@ def tile_permutation(grid: tuple, tile: tuple, device="cpu") -> tuple[torch.Tens
 
 
 @functools.lru_cache(maxsize=32)
-def _sequence_permutation(layout: TokenLayout, tile: tuple, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    to_vis, from_vis = tile_permutation(layout.grid, tile, "cpu")
+def _sequence_permutation(grid: tuple, text_len: int, text_first: bool, tile: tuple,
+                          device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = TokenLayout(grid, text_len, text_first)
+    to_vis, from_vis = tile_permutation(grid, tile, "cpu")
     vs, nv, s = layout.visual_start, layout.num_visual, layout.seq_len
     head, tail = torch.arange(vs), torch.arange(vs + nv, s)
     to_tiles = torch.cat([head, vs + to_vis, tail])
@@ -102,10 +104,17 @@ def _sequence_permutation(layout: TokenLayout, tile: tuple, device: str) -> tupl
 
 
 @torch.compiler.assume_constant_result
-def sequence_permutation(layout: TokenLayout, tile: tuple, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _sequence_permutation_constant(grid: tuple, text_len: int, text_first: bool, tile: tuple,
+                                   device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # plain arguments: torch.compile cannot pass a TokenLayout to a constant-result call
+    return _sequence_permutation(grid, text_len, text_first, tile, device)
+
+
+def sequence_permutation(layout: TokenLayout, tile: tuple, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """``tile_permutation`` over the whole sequence of ``layout`` (``int64 [S]``): text positions map
     to themselves. Cached per (layout, tile, device); a constant for ``torch.compile``."""
-    return _sequence_permutation(layout, tuple(tile), str(torch.device(device)))
+    return _sequence_permutation_constant(layout.grid, layout.text_len, layout.text_first, tuple(tile),
+                                          str(torch.device(device)))
 
 
 @dataclass(frozen=True)

@@ -255,3 +255,21 @@ def test_benchmark_runs_the_window_in_both_orders_with_the_same_mask():
         out = flex_attention(*(t.transpose(1, 2) for t in (qt, kt, vt)), block_mask=flex_block_mask(pattern, layout, "cpu"))
         out = out.transpose(1, 2)
         torch.testing.assert_close(out if order is None else order.from_tiles(out), ref, atol=2e-5, rtol=0)
+
+
+@requires_interpreter
+def test_torch_compile_fullgraph():
+    """Validation, block choice and the permutation indices are constants to torch.compile."""
+    import torch._dynamo
+
+    layout = TokenLayout((4, 8, 8), text_len=4, text_first=False)
+    pattern = SlidingWindow.tiled(tile=(1, 4, 4), window_tiles=(3, 1, 1))
+    q, k, v = _qkv(layout, torch.float32)
+
+    def f(q, k, v):
+        return diffattn.attention(q * 1.0, k, v, pattern, layout=layout, impl="triton") + 0.0
+
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    torch.testing.assert_close(out, diffattn.attention(q, k, v, pattern, layout=layout, impl="reference"),
+                               atol=2e-5, rtol=0)

@@ -220,11 +220,11 @@ class SlidingWindow(Pattern):
             if k % t:
                 raise ValueError(f"SlidingWindow window[{axis}]={k} is not a multiple of tile[{axis}]={t}; "
                                  f"allowed: an odd multiple of the tile (e.g. {3 * t}) with stride == tile")
-            starts = AxisWindow(n, k, s).window_start(torch.arange(n))[1].reshape(n // t, t)
-            if bool((starts != starts[:, :1]).any()):
+            problem = _tile_alignment(n, k, s, t)
+            if problem == "split":
                 raise ValueError(f"SlidingWindow stride[{axis}]={s}: queries of one tile ({t} tokens on axis {axis}) "
                                  f"get different windows; allowed: stride == tile[{axis}]={t}")
-            if bool((starts[:, 0] % t).any()):
+            if problem == "offset":
                 raise ValueError(f"SlidingWindow window[{axis}]={k} with stride {s} starts off the tile boundaries "
                                  f"(tile[{axis}]={t}); allowed: an odd multiple of the tile (window / tile = "
                                  f"{k // t} is even)")
@@ -242,7 +242,7 @@ class SlidingWindow(Pattern):
         each (a multiple of the tile when neighbouring tiles share their keys). ``fixed=True``:
         the blocks are checked and kept, or a ValueError says why they cannot be used.
         """
-        return _tile_blocks(self, tuple(grid), block_q, block_k, fixed)
+        return _tile_blocks(self.spec(), tuple(grid), block_q, block_k, fixed)
 
     def spec(self) -> tuple:
         return ("SlidingWindow", self.window, self.stride, self.dilation, self.tile)
@@ -287,8 +287,27 @@ class SlidingWindow(Pattern):
         return MASK_WINDOW, tuple(params)
 
 
+@torch.compiler.assume_constant_result
+def _tile_alignment(n: int, k: int, s: int, t: int) -> str:
+    """How a window (k, stride s) on an axis of n misses tiles of t: "split" (one tile's queries get
+    different windows), "offset" (a window starts off a tile boundary) or "" (aligned). A constant
+    for ``torch.compile``, so validation does not branch on tensor data while tracing."""
+    starts = AxisWindow(n, k, s).window_start(torch.arange(n))[1].reshape(n // t, t)
+    if bool((starts != starts[:, :1]).any()):
+        return "split"
+    return "offset" if bool((starts[:, 0] % t).any()) else ""
+
+
+@torch.compiler.assume_constant_result
+def _tile_blocks(spec: tuple, grid: tuple, block_q: int, block_k: int, fixed: bool) -> tuple[int, int]:
+    """``SlidingWindow.tile_blocks`` of the pattern ``spec`` (plain values, so ``torch.compile`` takes
+    the result as a constant instead of tracing the layout builder)."""
+    return _tile_blocks_cached(spec, grid, block_q, block_k, fixed)
+
+
 @functools.lru_cache(maxsize=64)
-def _tile_blocks(pattern: SlidingWindow, grid: tuple, block_q: int, block_k: int, fixed: bool) -> tuple[int, int]:
+def _tile_blocks_cached(spec: tuple, grid: tuple, block_q: int, block_k: int, fixed: bool) -> tuple[int, int]:
+    pattern = SlidingWindow(*spec[1:])
     pattern.validate(grid)
     if fixed:
         if bool((pattern.block_classes(grid, block_q, block_k) == PARTIAL).any()):
