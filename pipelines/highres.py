@@ -16,6 +16,13 @@
      the per-block outputs recorded at the last guide step.
 
 Both branches scale their self-attention logits by ``scale_factor`` (FreeSwim's correction).
+
+Wan 2.2's two-expert text-to-video pipelines (``transformer`` for the high-noise steps,
+``transformer_2`` for the low-noise ones, switched at ``boundary_ratio``) run with the dual path
+on both experts; each step's expert and guidance scale (``guidance_scale_2`` for the low-noise
+expert) are chosen exactly as diffusers' ``WanPipeline`` chooses them (:func:`expert_schedule`),
+and the first step of each expert is a guide step (recorded outputs are never replayed across
+experts). Image-to-video pipelines are refused.
 The defaults are the original release's: strength 0.7, full branch every 2 steps, window
 ``2 * (n // 2) + 1`` tokens for a native extent of ``n`` tokens per axis, scale factor
 ``sqrt(log(2 s) / log(s))`` for ``s`` native tokens per frame, scheduler shift 9.0, bilinear
@@ -41,8 +48,10 @@ __all__ = [
     "INTERPOLATIONS",
     "HighResConfig",
     "HighResResult",
+    "boundary_timestep",
     "cross_cache_bytes",
     "default_scale_factor",
+    "expert_schedule",
     "default_window",
     "generate_highres",
     "parse_highres_config",
@@ -191,14 +200,67 @@ def parse_highres_config(spec: str | None, **overrides) -> HighResConfig:
 # Geometry
 
 
+#: The transformer attributes of a Wan pipeline, in expert order (Wan 2.2: high noise, low noise).
+EXPERTS = ("transformer", "transformer_2")
+
+
+def _experts(pipe) -> dict[str, torch.nn.Module]:
+    """``{attribute: transformer}`` of the pipeline's experts that are present, in expert order."""
+    return {name: getattr(pipe, name) for name in EXPERTS if getattr(pipe, name, None) is not None}
+
+
+def _transformer(pipe):
+    """The transformer whose configuration sets the geometry (diffusers: ``transformer``, else
+    ``transformer_2``)."""
+    experts = _experts(pipe)
+    return next(iter(experts.values())) if experts else None
+
+
 def _check_wan(pipe) -> None:
-    transformer = getattr(pipe, "transformer", None)
-    if type(transformer).__name__ != "WanTransformer3DModel":
-        raise ValueError(f"generate_highres needs a Wan pipeline (a WanTransformer3DModel as pipe.transformer), "
-                         f"got {type(pipe).__name__} with {type(transformer).__name__}")
-    if getattr(pipe, "transformer_2", None) is not None:
-        raise NotImplementedError("generate_highres runs one transformer; Wan 2.2's two-expert pipelines "
-                                  "(transformer_2) are not supported")
+    experts = _experts(pipe)
+    if not experts or any(type(m).__name__ != "WanTransformer3DModel" for m in experts.values()):
+        found = ", ".join(f"{name}={type(getattr(pipe, name, None)).__name__}" for name in EXPERTS)
+        raise ValueError(f"generate_highres needs a Wan pipeline (a WanTransformer3DModel as pipe.transformer, and "
+                         f"as pipe.transformer_2 for Wan 2.2's two experts), got {type(pipe).__name__} with {found}")
+    for name, model in experts.items():
+        config = model.config
+        if ("ImageToVideo" in type(pipe).__name__ or getattr(config, "image_dim", None) is not None
+                or config.in_channels != config.out_channels):
+            raise NotImplementedError(
+                f"generate_highres supports Wan text-to-video pipelines (WanPipeline: Wan 2.1, and Wan 2.2 with its "
+                f"two experts); {type(pipe).__name__} conditions pipe.{name} on an image (in_channels="
+                f"{config.in_channels} for out_channels={config.out_channels}, image_dim="
+                f"{getattr(config, 'image_dim', None)}): image-to-video is not supported")
+
+
+def boundary_ratio(pipe) -> float | None:
+    """The pipeline's ``boundary_ratio`` (Wan 2.2 two-expert pipelines; None for Wan 2.1)."""
+    return getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+
+
+def boundary_timestep(pipe, scheduler=None) -> float | None:
+    """The timestep where a two-expert pipeline switches from ``transformer`` to ``transformer_2``:
+    ``boundary_ratio x scheduler.config.num_train_timesteps`` as in diffusers' ``WanPipeline``
+    (``scheduler`` defaults to the pipeline's); None without ``boundary_ratio``."""
+    ratio = boundary_ratio(pipe)
+    if ratio is None:
+        return None
+    return ratio * (scheduler or pipe.scheduler).config.num_train_timesteps
+
+
+def expert_schedule(pipe, timesteps, scheduler=None) -> list[str]:
+    """The expert that runs at each of ``timesteps``, chosen as diffusers' ``WanPipeline`` does:
+    ``"transformer"`` while ``t >= boundary_timestep`` (or always without ``boundary_ratio``),
+    ``"transformer_2"`` after.
+
+    >>> from diffattn.pipelines import build_embedded_wan_pipeline
+    >>> pipe = build_embedded_wan_pipeline()
+    >>> pipe.register_to_config(boundary_ratio=0.5)
+    >>> expert_schedule(pipe, torch.tensor([900.0, 500.0, 499.0]))
+    ['transformer', 'transformer', 'transformer_2']
+    """
+    boundary = boundary_timestep(pipe, scheduler)
+    return ["transformer" if boundary is None or t >= boundary else "transformer_2" for t in timesteps]
 
 
 def token_grid(pipe, height: int, width: int, num_frames: int) -> tuple[int, int, int]:
@@ -208,13 +270,13 @@ def token_grid(pipe, height: int, width: int, num_frames: int) -> tuple[int, int
     >>> token_grid(build_embedded_wan_pipeline(), 128, 128, 17)
     (5, 8, 8)
     """
-    pt, ph, pw = pipe.transformer.config.patch_size
+    pt, ph, pw = _transformer(pipe).config.patch_size
     frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
     return (frames // pt, height // pipe.vae_scale_factor_spatial // ph, width // pipe.vae_scale_factor_spatial // pw)
 
 
 def _size_multiple(pipe) -> int:
-    return pipe.vae_scale_factor_spatial * max(pipe.transformer.config.patch_size[1:])
+    return pipe.vae_scale_factor_spatial * max(_transformer(pipe).config.patch_size[1:])
 
 
 def target_size(pipe, height: int, width: int, upscale: float) -> tuple[int, int]:
@@ -234,7 +296,8 @@ def target_size(pipe, height: int, width: int, upscale: float) -> tuple[int, int
 
 
 def _check_rope(pipe, height: int, width: int) -> None:
-    limit = getattr(pipe.transformer.config, "rope_max_seq_len", None)
+    limits = [getattr(m.config, "rope_max_seq_len", None) for m in _experts(pipe).values()]
+    limit = min((x for x in limits if x is not None), default=None)
     _, gh, gw = token_grid(pipe, height, width, 1)
     if limit is not None and max(gh, gw) > limit:
         raise ValueError(f"the target size {width}x{height} is a {gh}x{gw} token grid per frame, more than the "
@@ -266,17 +329,23 @@ def default_scale_factor(native_grid: tuple) -> float:
 
 def cross_cache_bytes(pipe, grid: tuple, dtype: torch.dtype | None = None, batch: int = 1) -> int:
     """Bytes the full branch's recorded cross-attention outputs take over every block for a token
-    ``grid``: ``blocks x batch x F*H*W x C x itemsize`` (C = heads x head dim).
+    ``grid``: ``blocks x batch x F*H*W x C x itemsize`` (C = heads x head dim). With two experts
+    the store holds one expert's outputs at a time (it is cleared at the switch): the larger.
 
     >>> from diffattn.pipelines import build_embedded_wan_pipeline
     >>> cross_cache_bytes(build_embedded_wan_pipeline(), (5, 16, 16))
     1310720
     """
-    config = pipe.transformer.config
-    channels = config.num_attention_heads * config.attention_head_dim
-    dtype = dtype or pipe.transformer.dtype
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return config.num_layers * batch * math.prod(grid) * channels * itemsize
+    sizes = []
+    for name in EXPERTS:
+        model = getattr(pipe, name, None)
+        if model is None:
+            continue
+        config = model.config
+        channels = config.num_attention_heads * config.attention_head_dim
+        itemsize = torch.empty((), dtype=dtype or model.dtype).element_size()
+        sizes.append(config.num_layers * batch * math.prod(grid) * channels * itemsize)
+    return max(sizes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,28 +408,32 @@ def _highres_scheduler(pipe, flow_shift: float | None):
     return type(pipe.scheduler).from_config(config)
 
 
-def _is_applied(transformer) -> bool:
+def _is_applied(pipe) -> bool:
     from diffattn.integration.apply import HOOK_NAME
 
-    registry = getattr(transformer, "_diffusers_hook", None)
-    return registry is not None and registry.get_hook(HOOK_NAME) is not None
+    registries = [getattr(m, "_diffusers_hook", None) for m in _experts(pipe).values()]
+    return any(registry is not None and registry.get_hook(HOOK_NAME) is not None for registry in registries)
 
 
 def generate_highres(pipe, prompt: str, *, negative_prompt: str | None = None, height: int = 480, width: int = 832,
                      num_frames: int = 81, num_inference_steps: int = 50, guidance_scale: float = 5.0,
-                     max_sequence_length: int = 512, upscale: float = 2.0, config: HighResConfig | None = None,
-                     seed: int = 0, base_frames: np.ndarray | None = None, progress: bool = True,
-                     log: Callable[[str], None] | None = None) -> HighResResult:
+                     guidance_scale_2: float | None = None, max_sequence_length: int = 512, upscale: float = 2.0,
+                     config: HighResConfig | None = None, seed: int = 0, base_frames: np.ndarray | None = None,
+                     progress: bool = True, log: Callable[[str], None] | None = None) -> HighResResult:
     """Generate at the native size, upscale the frames, and refine them at the target size.
 
     Args:
-        pipe: a diffusers ``WanPipeline`` (Wan 2.1 T2V layout; diffattn must not be applied to it:
-            the high-resolution pass installs its own processors and restores diffusers' after).
+        pipe: a diffusers ``WanPipeline`` (text-to-video): Wan 2.1 (one transformer) or Wan 2.2's
+            two experts (``transformer`` and ``transformer_2`` with ``boundary_ratio``: the dual path
+            goes on both). diffattn must not be applied to it: the high-resolution pass installs its
+            own processors and restores diffusers' after. Image-to-video pipelines are refused.
         prompt, negative_prompt: the text; the negative prompt drives classifier-free guidance.
         height, width, num_frames: the native (base pass) size. Defaults: Wan 2.1 1.3B's 480 x 832,
             81 frames.
         num_inference_steps, guidance_scale, max_sequence_length: the base pass's settings; the
             high-resolution pass uses the same unless ``config`` says otherwise.
+        guidance_scale_2: the low-noise expert's (``transformer_2``'s) guidance scale in both passes;
+            None (default): ``guidance_scale``. Only for pipelines with ``boundary_ratio``.
         upscale: target size = ``upscale`` x the native size (multiples of 16). Default 2.0.
         config: the high-resolution pass's settings (:class:`HighResConfig`); default FreeSwim's.
         seed: seeds the base pass's noise and the re-noising.
@@ -383,7 +456,7 @@ def generate_highres(pipe, prompt: str, *, negative_prompt: str | None = None, h
     if not isinstance(config, HighResConfig):
         raise TypeError(f"config must be a HighResConfig, got {type(config).__name__}")
     _check_wan(pipe)
-    if _is_applied(pipe.transformer):
+    if _is_applied(pipe):
         raise ValueError("diffattn is already applied to this pipeline's transformer: call diffattn.remove(pipe) "
                          "first (the base pass runs with diffusers' attention; the high-resolution pass installs "
                          "its own processors)")
@@ -393,6 +466,7 @@ def generate_highres(pipe, prompt: str, *, negative_prompt: str | None = None, h
                         ("num_inference_steps", num_inference_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    guidance = _guidance_scales(pipe, guidance_scale, guidance_scale_2)
     step_px = _size_multiple(pipe)
     if height % step_px or width % step_px:
         raise ValueError(f"height and width must be multiples of {step_px}, got {height} and {width}")
@@ -410,6 +484,10 @@ def generate_highres(pipe, prompt: str, *, negative_prompt: str | None = None, h
     scale_factor = config.scale_factor or default_scale_factor(native)
     say = log or (lambda line: None)
     device = pipe._execution_device
+    scheduler = _highres_scheduler(pipe, config.flow_shift)
+    timesteps = _highres_timesteps(scheduler, steps, config.strength, device)
+    schedule = expert_schedule(pipe, timesteps, scheduler)
+    _check_experts_present(pipe, schedule, timesteps)
     generator = torch.Generator(device=device).manual_seed(seed)
     timings: dict[str, Any] = {}
 
@@ -417,9 +495,10 @@ def generate_highres(pipe, prompt: str, *, negative_prompt: str | None = None, h
     if base_frames is None:
         say(f"base pass: {num_frames} frames {width}x{height}, {num_inference_steps} steps")
         pipe.set_progress_bar_config(disable=not progress, leave=False)
+        extra = {} if guidance_scale_2 is None else {"guidance_scale_2": guidance_scale_2}
         output = pipe(prompt, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      max_sequence_length=max_sequence_length, generator=generator, output_type="np")
+                      max_sequence_length=max_sequence_length, generator=generator, output_type="np", **extra)
         base_frames = _frames_np(output)
         _sync(device)
         timings["base_pass"] = time.perf_counter() - t0
@@ -433,24 +512,24 @@ def generate_highres(pipe, prompt: str, *, negative_prompt: str | None = None, h
     timings["upscale"] = time.perf_counter() - t1
 
     say(f"high-resolution pass: {num_frames} frames {out_w}x{out_h}, {run_steps} of {steps} steps, "
-        f"attention={config.attention}")
+        f"attention={config.attention}" + (f", experts {_expert_summary(schedule)}" if len(_experts(pipe)) > 1 else ""))
     from diffattn.patterns import SlidingWindow
 
     pattern = SlidingWindow((None, *window))
+    experts = _experts(pipe)
     dual = None
     if config.attention != "dense":
         from diffattn.integration.dual_path import DualPath
 
-        dual = DualPath.install(pipe.transformer, pattern,
+        dual = DualPath.install(list(experts.values()), pattern,
                                 guide_every=config.guide_every if config.attention == "freeswim" else None,
                                 scale_factor=scale_factor, store_dtype=config.store_dtype, offload=config.offload,
                                 impl=config.impl)
     try:
         frames, pass_timings = _refine(pipe, prompt, negative_prompt, frames_up, height=out_h, width=out_w,
-                                       steps=steps, strength=config.strength,
-                                       guidance_scale=guidance_scale, max_sequence_length=max_sequence_length,
-                                       scheduler=_highres_scheduler(pipe, config.flow_shift), seed=seed, dual=dual,
-                                       progress=progress)
+                                       steps=steps, strength=config.strength, guidance=guidance,
+                                       max_sequence_length=max_sequence_length, scheduler=scheduler, seed=seed,
+                                       dual=dual, progress=progress)
         dual_record = dual.record() if dual is not None else None
     finally:
         if dual is not None:
@@ -463,11 +542,14 @@ def generate_highres(pipe, prompt: str, *, negative_prompt: str | None = None, h
         "method": "FreeSwim (inward window + full-branch cross-attention override)" if config.attention == "freeswim"
         else ("inward window only" if config.attention == "window" else "dense attention"),
         "base": {"height": height, "width": width, "num_frames": num_frames, "num_inference_steps": num_inference_steps,
-                 "guidance_scale": guidance_scale, "token_grid": list(native), "given_frames": "base_pass" not in timings},
+                 "guidance_scale": guidance_scale, "guidance_scale_2": guidance_scale_2,
+                 "token_grid": list(native), "given_frames": "base_pass" not in timings},
         "highres": {"height": out_h, "width": out_w, "num_frames": num_frames, "upscale": upscale,
                     "token_grid": list(target), "config": config.record(), "window": [None, *window],
                     "scale_factor": scale_factor if config.attention != "dense" else 1.0,
                     "steps_run": run_steps, "schedule_steps": steps,
+                    "experts": list(experts), "boundary_timestep": boundary_timestep(pipe, scheduler),
+                    "expert_per_step": schedule, "guidance_scales": guidance,
                     "window_attended_fraction": density,
                     "dual_path": dual_record,
                     "cross_cache_estimate_bytes": (cross_cache_bytes(pipe, target, config.store_dtype)
@@ -477,6 +559,47 @@ def generate_highres(pipe, prompt: str, *, negative_prompt: str | None = None, h
     return HighResResult(frames, base_frames, record)
 
 
+def _guidance_scales(pipe, guidance_scale: float, guidance_scale_2: float | None) -> dict[str, float]:
+    """``{expert: guidance scale}`` as diffusers' ``WanPipeline`` sets them: ``guidance_scale_2``
+    (default ``guidance_scale``) for ``transformer_2``, allowed only with ``boundary_ratio``."""
+    for name, value in (("guidance_scale", guidance_scale), ("guidance_scale_2", guidance_scale_2)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if guidance_scale_2 is not None and boundary_ratio(pipe) is None:
+        raise ValueError(f"guidance_scale_2={guidance_scale_2!r} is only for two-expert pipelines (Wan 2.2, with "
+                         "boundary_ratio set); this pipeline has no boundary_ratio")
+    return {"transformer": float(guidance_scale),
+            "transformer_2": float(guidance_scale if guidance_scale_2 is None else guidance_scale_2)}
+
+
+def _highres_timesteps(scheduler, steps: int, strength: float, device) -> torch.Tensor:
+    """The pass's timesteps: the schedule's last ``int(steps * strength)`` steps, as diffusers'
+    ``WanVideoToVideoPipeline.get_timesteps`` cuts them (``scheduler`` is left set to ``steps``)."""
+    scheduler.set_timesteps(steps, device=device)
+    t_start = max(steps - min(int(steps * strength), steps), 0)
+    return scheduler.timesteps[t_start * scheduler.order:]
+
+
+def _check_experts_present(pipe, schedule: list[str], timesteps) -> None:
+    for i, (name, t) in enumerate(zip(schedule, timesteps)):
+        if getattr(pipe, name, None) is None:
+            boundary = boundary_timestep(pipe)
+            raise ValueError(f"step {i} of the high-resolution pass (t={float(t):.1f}) needs pipe.{name} "
+                             f"(boundary timestep {boundary}), which is None; load both experts")
+
+
+def _expert_summary(schedule: list[str]) -> str:
+    """``"transformer x3 -> transformer_2 x2"``."""
+    runs: list[list] = []
+    for name in schedule:
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    return " -> ".join(f"{name} x{count}" for name, count in runs)
+
+
 def _layout(grid):
     from diffattn.tokens import TokenLayout
 
@@ -484,19 +607,18 @@ def _layout(grid):
 
 
 def _refine(pipe, prompt, negative_prompt, frames_up: np.ndarray, *, height: int, width: int, steps: int,
-            strength: float, guidance_scale: float, max_sequence_length: int, scheduler, seed: int, dual,
+            strength: float, guidance: dict[str, float], max_sequence_length: int, scheduler, seed: int, dual,
             progress: bool) -> tuple[np.ndarray, dict]:
     """The video-to-video pass with diffusers' ``WanVideoToVideoPipeline`` pieces (prompt encoding,
-    timesteps by strength, VAE encoding and re-noising, decoding) around a denoising loop that runs
-    each transformer call through the dual path."""
+    timesteps by strength, VAE encoding and re-noising, decoding) around :func:`denoise`."""
     from diffusers import WanVideoToVideoPipeline
 
+    transformer = _transformer(pipe)
     v2v = WanVideoToVideoPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
-                                  transformer=pipe.transformer, vae=pipe.vae, scheduler=scheduler)
+                                  transformer=transformer, vae=pipe.vae, scheduler=scheduler)
     v2v.set_progress_bar_config(disable=not progress, leave=False)
     device = pipe._execution_device
-    transformer = v2v.transformer
-    cfg = guidance_scale > 1.0
+    cfg = guidance["transformer"] > 1.0  # diffusers: do_classifier_free_guidance reads guidance_scale only
     timings: dict[str, Any] = {}
 
     with torch.no_grad():
@@ -507,45 +629,21 @@ def _refine(pipe, prompt, negative_prompt, frames_up: np.ndarray, *, height: int
                                                             max_sequence_length=max_sequence_length, device=device)
         prompt_embeds = prompt_embeds.to(transformer.dtype)
         negative_embeds = negative_embeds.to(transformer.dtype) if negative_embeds is not None else None
-        scheduler.set_timesteps(steps, device=device)
-        timesteps, _ = v2v.get_timesteps(steps, scheduler.timesteps, strength, device)
+        timesteps = _highres_timesteps(scheduler, steps, strength, device)
         video = v2v.video_processor.preprocess_video(frames_up[None], height=height, width=width)
         video = video.to(device, dtype=torch.float32)
         generator = torch.Generator(device=device).manual_seed(seed)
         latents = v2v.prepare_latents(video, 1, transformer.config.in_channels, height, width, torch.float32, device,
                                       generator, None, timesteps[:1])
+        if hasattr(scheduler, "set_begin_index"):  # as WanPipeline does: no step-index lookup per step
+            scheduler.set_begin_index(len(scheduler.timesteps) - len(timesteps))
         _sync(device)
         t1 = time.perf_counter()
         timings["encode"] = t1 - t0
-        if dual is not None:
-            dual.reset()
 
-        step_times = []
         with v2v.progress_bar(total=len(timesteps)) as bar:
-            for i, t in enumerate(timesteps):
-                s0 = time.perf_counter()
-                x = latents.to(transformer.dtype)
-                ts = t.expand(x.shape[0])
-
-                def call(embeds, name):
-                    with transformer.cache_context(name):
-                        return transformer(hidden_states=x, timestep=ts, encoder_hidden_states=embeds,
-                                           return_dict=False)[0]
-
-                if dual is None:
-                    noise = call(prompt_embeds, "cond")
-                else:
-                    noise = dual.conditional(lambda: call(prompt_embeds, "cond"), i)
-                if cfg:
-                    if dual is None:
-                        uncond = call(negative_embeds, "uncond")
-                    else:
-                        uncond = dual.unconditional(lambda: call(negative_embeds, "uncond"))
-                    noise = uncond + guidance_scale * (noise - uncond)
-                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-                _sync(device)
-                step_times.append(time.perf_counter() - s0)
-                bar.update()
+            latents, step_times = denoise(pipe, latents, timesteps, scheduler, prompt_embeds, negative_embeds,
+                                           guidance, dual, on_step=bar.update)
         t2 = time.perf_counter()
         timings["denoise"] = t2 - t1
         timings["steps"] = step_times
@@ -559,3 +657,55 @@ def _refine(pipe, prompt, negative_prompt, frames_up: np.ndarray, *, height: int
         _sync(device)
         timings["decode"] = time.perf_counter() - t2
     return np.asarray(frames, dtype=np.float32), timings
+
+
+def denoise(pipe, latents: torch.Tensor, timesteps: torch.Tensor, scheduler, prompt_embeds: torch.Tensor,
+             negative_embeds: torch.Tensor | None, guidance: dict[str, float], dual=None,
+             on_step: Callable[[], Any] | None = None) -> tuple[torch.Tensor, list[float]]:
+    """diffusers' ``WanPipeline`` denoising loop over ``timesteps``: each step's expert and guidance
+    scale by :func:`expert_schedule` (``guidance`` maps expert -> scale), the timestep expanded per
+    token when ``pipe.config.expand_timesteps`` (Wan 2.2 TI2V) and classifier-free guidance when
+    ``guidance["transformer"] > 1``; every transformer call goes through the dual path ``dual``
+    (None: diffusers' attention, the dense baseline). ``latents`` ``[B, C, F, H, W]`` float32 in and
+    out; also returns the seconds of each step. ``scheduler`` must be set to a schedule that
+    ``timesteps`` are the tail of (its ``num_train_timesteps`` places the expert boundary).
+
+    With ``dual=None``, ``timesteps = scheduler.timesteps`` and ``scheduler.set_begin_index(0)``
+    this is ``WanPipeline.__call__``'s loop for given latents and prompt embeddings, call for call.
+    """
+    experts = _experts(pipe)
+    order = list(experts)
+    transformer_dtype = _transformer(pipe).dtype
+    cfg = guidance["transformer"] > 1.0
+    expand = bool(getattr(getattr(pipe, "config", None), "expand_timesteps", False))
+    mask = torch.ones(latents.shape, dtype=torch.float32, device=latents.device) if expand else None
+    if dual is not None:
+        dual.reset()
+    step_times = []
+    for i, (t, name) in enumerate(zip(timesteps, expert_schedule(pipe, timesteps, scheduler))):
+        s0 = time.perf_counter()
+        model, scale, expert = experts[name], guidance[name], order.index(name)
+        x = latents.to(transformer_dtype)
+        ts = (mask[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0).expand(x.shape[0], -1) if expand \
+            else t.expand(x.shape[0])
+
+        def call(embeds, branch):
+            with model.cache_context(branch):
+                return model(hidden_states=x, timestep=ts, encoder_hidden_states=embeds, return_dict=False)[0]
+
+        if dual is None:
+            noise = call(prompt_embeds, "cond")
+        else:
+            noise = dual.conditional(lambda: call(prompt_embeds, "cond"), i, expert)
+        if cfg:
+            if dual is None:
+                uncond = call(negative_embeds, "uncond")
+            else:
+                uncond = dual.unconditional(lambda: call(negative_embeds, "uncond"), expert)
+            noise = uncond + scale * (noise - uncond)
+        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        _sync(latents.device)
+        step_times.append(time.perf_counter() - s0)
+        if on_step is not None:
+            on_step()
+    return latents, step_times

@@ -18,15 +18,28 @@ from diffattn.integration.dual_path import BranchCore, DualPath
 from diffattn.integration.state import GenerationState
 from diffattn.pipelines.highres import (
     HighResConfig,
+    boundary_timestep,
     cross_cache_bytes,
     default_scale_factor,
     default_window,
+    denoise,
+    expert_schedule,
     generate_highres,
     parse_highres_config,
     target_size,
 )
 
 GRID = (2, 6, 6)  # latent [1, 4, 2, 12, 12] with 1x2x2 patches
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models here run thousands of small ops; with a second intra-op thread on a busy
+    2-core machine each op waits for it, so these tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_wan(seed=0, layers=2):
@@ -66,6 +79,27 @@ def embedded():
     from diffattn.pipelines import build_embedded_wan_pipeline
 
     return build_embedded_wan_pipeline(seed=0)
+
+
+BOUNDARY_RATIO = 0.875  # Wan 2.2 T2V A14B's: switch at t = 875 of 1000
+
+
+@pytest.fixture(scope="module")
+def two_experts(embedded):
+    """A tiny Wan 2.2-style two-expert WanPipeline: the embedded pipeline's text encoder and VAE,
+    two random 2-block transformers (high noise, low noise) and boundary_ratio 0.875."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    from diffattn.pipelines.embedded import EMBEDDED_SCHEDULER_CONFIG, EMBEDDED_TRANSFORMER_CONFIG
+
+    experts = []
+    for seed in (1, 2):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            experts.append(WanTransformer3DModel(**dict(EMBEDDED_TRANSFORMER_CONFIG, num_layers=2)).eval())
+    return WanPipeline(tokenizer=embedded.tokenizer, text_encoder=embedded.text_encoder, vae=embedded.vae,
+                       scheduler=UniPCMultistepScheduler(**dict(EMBEDDED_SCHEDULER_CONFIG)), transformer=experts[0],
+                       transformer_2=experts[1], boundary_ratio=BOUNDARY_RATIO)
 
 
 # --- the branches -----------------------------------------------------------------------------
@@ -153,9 +187,10 @@ def test_guide_steps_reuse_exactly_what_the_full_branch_computed(k):
     for step in range(steps):
         x, t, text = inputs(seed=step, t=900.0 - 100 * step)
         before = len(calls)
+        guided = dual.is_guide_step(step)
         dual.conditional(lambda: call(model, x, t, text), step)
         outputs = calls[before:]
-        if dual.is_guide_step(step):  # full pass (recorded) then window pass (replayed)
+        if guided:  # full pass (recorded) then window pass (replayed)
             full_at[step], used_at[step] = outputs[:2], outputs[2:]
         else:
             used_at[step] = outputs
@@ -189,12 +224,19 @@ def test_store_dtype_and_offload_account_for_memory():
     torch.testing.assert_close(results[torch.float16], results[None], rtol=1e-2, atol=1e-2)
 
 
-def test_conditional_needs_a_guide_step_first():
-    model = tiny_wan()
+def test_first_step_is_a_guide_step_and_steps_must_increase():
+    model = tiny_wan(layers=1)
     dual = DualPath.install(model, SlidingWindow((None, 3, 3)), guide_every=2, impl="reference")
     x, t, text = inputs()
-    with pytest.raises(RuntimeError, match="no guide step ran"):
-        dual.conditional(lambda: call(model, x, t, text), 1)
+    dual.conditional(lambda: call(model, x, t, text), 3)  # a pass starting mid-schedule records first
+    assert dual.guide_steps == [(3, 0)] and dual.full_passes == 1
+    with pytest.raises(RuntimeError, match="steps must increase"):
+        dual.conditional(lambda: call(model, x, t, text), 3)
+    with pytest.raises(ValueError, match=r"expert must be an int in \[0, 1\)"):
+        dual.conditional(lambda: call(model, x, t, text), 4, expert=1)
+    dual.reset()
+    dual.conditional(lambda: call(model, x, t, text), 0)
+    assert dual.guide_steps == [(0, 0)]
     dual.remove()
 
 
@@ -207,6 +249,132 @@ def test_override_processor_modes():
     dual.remove()
     assert type(model.attn_processors["blocks.0.attn2.processor"]).__name__ == "WanAttnProcessor"
     assert type(model.attn_processors["blocks.0.attn1.processor"]).__name__ == "WanAttnProcessor"
+
+
+# --- two experts (Wan 2.2) --------------------------------------------------------------------
+
+
+def test_cross_attention_cache_is_reset_at_the_expert_switch():
+    """Experts 0, 0, 1, 1, 1 with guide_every=3: the first step of expert 1 is a guide step (the
+    schedule alone would not guide before step 3), the store then holds only expert 1's outputs,
+    and expert 1 replays exactly what its own full branch recorded."""
+    experts = [tiny_wan(seed=0), tiny_wan(seed=1)]
+    dual = DualPath.install(experts, SlidingWindow((None, 3, 3)), guide_every=3, impl="reference")
+    assert "2 + 2 blocks, 2 experts" in repr(dual)
+    assert [o.expert for o in dual.overrides] == [0, 0, 1, 1]
+    recorded = []
+    handles = [block.attn2.register_forward_hook(lambda m, a, o, e=e: recorded.append((e, o.detach().clone())))
+               for e, model in enumerate(experts) for block in model.blocks]
+    stored_by, used = [], {}
+    for step, expert in enumerate([0, 0, 1, 1, 1]):
+        x, t, text = inputs(seed=step, t=900.0 - 100 * step)
+        before = len(recorded)
+        guided = dual.is_guide_step(step, expert)
+        dual.conditional(lambda: call(experts[expert], x, t, text), step, expert)
+        outputs = recorded[before:]
+        assert all(e == expert for e, _ in outputs)  # only the chosen expert ran
+        if guided:
+            full = [o for _, o in outputs[:2]]
+        used[step] = [o for _, o in outputs[-2:]]
+        assert all(torch.equal(u, f) for u, f in zip(used[step], full))
+        stored_by.append(dual.store.recorded_by())
+    for h in handles:
+        h.remove()
+    assert dual.guide_steps == [(0, 0), (2, 1)] and dual.expert_switches == 1
+    assert stored_by == [{0}, {0}, {1}, {1}, {1}]
+    assert not torch.equal(used[1][0], used[2][0])
+    with pytest.raises(RuntimeError, match="expert 1's, not expert 0's"):
+        dual.store.get(0, used[2][0], expert=0)
+    record = dual.record()
+    assert (record["experts"], record["guide_steps"], record["full_passes"]) == (2, [[0, 0], [2, 1]], 2)
+    dual.remove()
+    assert all(type(p).__name__ == "WanAttnProcessor" for m in experts for p in m.attn_processors.values())
+
+
+def _model_calls(pipe):
+    """Forward pre-hooks recording which expert ("transformer" / "transformer_2") each call ran."""
+    calls = []
+    handles = [getattr(pipe, name).register_forward_pre_hook(lambda m, a, name=name: calls.append(name))
+               for name in ("transformer", "transformer_2")]
+    return calls, handles
+
+
+def test_denoise_matches_diffusers_two_expert_loop(two_experts):
+    """The loop of the high-resolution pass, run densely on diffusers' own schedule, is WanPipeline's:
+    the same expert at every call (the switch at the same step), guidance_scale_2 for the
+    low-noise expert, the same latents."""
+    pipe = two_experts
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 16, 2, 4, 4, generator=g)
+    embeds, negative = torch.randn(1, 8, 384, generator=g), torch.randn(1, 8, 384, generator=g)
+    calls, handles = _model_calls(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=latents.clone(), height=32,
+                    width=32, num_frames=5, num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=2.0,
+                    output_type="latent").frames
+    diffusers_calls, calls[:] = list(calls), []
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(4)
+    scheduler.set_begin_index(0)
+    assert scheduler.timesteps.tolist() == [999, 900, 750, 500] and boundary_timestep(pipe, scheduler) == 875.0
+    assert expert_schedule(pipe, scheduler.timesteps, scheduler) == ["transformer"] * 2 + ["transformer_2"] * 2
+    with torch.no_grad():
+        out, _ = denoise(pipe, latents.clone(), scheduler.timesteps, scheduler, embeds, negative,
+                         {"transformer": 4.0, "transformer_2": 2.0})
+    for h in handles:
+        h.remove()
+    assert calls == diffusers_calls == ["transformer"] * 4 + ["transformer_2"] * 4  # cond + uncond per step
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_two_experts_generate_the_requested_size(two_experts):
+    result = generate_highres(two_experts, "a red fox in the snow", height=32, width=32, num_frames=5,
+                              num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=2.0,
+                              max_sequence_length=16, upscale=2, config=HighResConfig(strength=1.0),
+                              progress=False)
+    assert result.frames.shape == (5, 64, 64, 3) and result.base_frames.shape == (5, 32, 32, 3)
+    assert np.isfinite(result.frames).all() and result.frames.min() >= 0 and result.frames.max() <= 1
+    highres = result.record["highres"]
+    assert highres["experts"] == ["transformer", "transformer_2"] and highres["boundary_timestep"] == 875.0
+    # flow_shift 9: timesteps 999, 964, 900, 750 -> the low-noise expert runs the last step only
+    assert highres["expert_per_step"] == ["transformer"] * 3 + ["transformer_2"]
+    assert highres["guidance_scales"] == {"transformer": 4.0, "transformer_2": 2.0}
+    dual = highres["dual_path"]
+    # guide_every=2: steps 0 and 2 of the first expert, and step 3 (forced: the second expert's first)
+    assert dual["guide_steps"] == [[0, 0], [2, 0], [3, 1]] and dual["expert_switches"] == 1
+    assert (dual["full_passes"], dual["window_passes"]) == (3, 8)
+    assert dual["cross_cache"]["peak_bytes"] == highres["cross_cache_estimate_bytes"] > 0
+    json.dumps(result.record)
+    for name in ("transformer", "transformer_2"):
+        assert all(type(p).__name__ == "WanAttnProcessor" for p in getattr(two_experts, name).attn_processors.values())
+
+
+def test_two_experts_with_a_covering_window_equal_a_dense_video_to_video_run(two_experts):
+    frames = np.random.default_rng(0).random((5, 32, 32, 3), dtype=np.float32)
+    base = dict(height=32, width=32, num_frames=5, num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=2.0,
+                max_sequence_length=16, upscale=2, base_frames=frames, progress=False)
+    dense = generate_highres(two_experts, "a fox", config=HighResConfig(attention="dense"), **base)
+    dual = generate_highres(two_experts, "a fox", config=HighResConfig(window=(4, 4), scale_factor=1.0,
+                                                                       impl="reference"), **base)
+    assert dual.record["highres"]["dual_path"]["guide_steps"] == [[0, 0], [1, 1]]  # strength 0.7: 2 steps
+    np.testing.assert_allclose(dual.frames, dense.frames, rtol=0, atol=1e-5)
+
+
+def test_two_expert_errors(two_experts, embedded):
+    base = dict(height=32, width=32, num_frames=5, num_inference_steps=4, max_sequence_length=16, progress=False)
+    with pytest.raises(ValueError, match="guidance_scale_2=3.0 is only for two-expert pipelines"):
+        generate_highres(embedded, "a fox", guidance_scale_2=3.0, **base)
+    from diffusers import WanImageToVideoPipeline
+
+    i2v = WanImageToVideoPipeline(tokenizer=embedded.tokenizer, text_encoder=embedded.text_encoder,
+                                  vae=embedded.vae, scheduler=embedded.scheduler,
+                                  transformer=WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8,
+                                                                    in_channels=36, out_channels=16, text_dim=384,
+                                                                    freq_dim=8, ffn_dim=16, num_layers=1))
+    with pytest.raises(NotImplementedError, match="image-to-video is not supported"):
+        generate_highres(i2v, "a fox", **base)
+    with pytest.raises(ValueError, match="experts must be distinct"):
+        DualPath.install([two_experts.transformer, two_experts.transformer], SlidingWindow((None, 3, 3)))
 
 
 # --- defaults and errors ----------------------------------------------------------------------
