@@ -106,7 +106,7 @@ def run_config(model, attention: str, guide_every, *, window, scale_factor, late
                   "finite": bool(torch.isfinite(latents).all())}
         if dual is not None:
             result["dual_path"] = dual.record()
-            result["guide_steps"] = [s for s in range(steps) if dual.is_guide_step(s)]
+            result["guide_steps"] = [step for step, _ in dual.guide_steps]
         else:
             result["guide_steps"] = []
     finally:

@@ -78,8 +78,9 @@ class HighResConfig:
         attention: ``"freeswim"`` (window branch + full branch, default), ``"window"`` (the
             window branch alone) or ``"dense"`` (diffusers' full attention, no scale correction:
             the naive baseline).
-        guide_every: the full branch runs every k denoising steps (1 = every step: no reuse).
-            Default 2. Only for ``attention="freeswim"``.
+        guide_every: the full branch runs every k denoising steps (1 = every step: no reuse),
+            and on the first step of each expert of a two-expert pipeline. Default 2. Only for
+            ``attention="freeswim"``.
         window: the window's spatial extent ``(kh, kw)`` in tokens; every frame is attended.
             None (default): ``2 * (n // 2) + 1`` for the native grid's extent ``n`` on each axis
             (the original's), capped at the target grid.
@@ -230,7 +231,9 @@ def _check_wan(pipe) -> None:
                 f"generate_highres supports Wan text-to-video pipelines (WanPipeline: Wan 2.1, and Wan 2.2 with its "
                 f"two experts); {type(pipe).__name__} conditions pipe.{name} on an image (in_channels="
                 f"{config.in_channels} for out_channels={config.out_channels}, image_dim="
-                f"{getattr(config, 'image_dim', None)}): image-to-video is not supported")
+                f"{getattr(config, 'image_dim', None)}): image-to-video is not supported (its high-resolution pass "
+                f"would need the conditioning image re-encoded at the target size as mask + image-latent channels, "
+                f"or as first-frame latents for TI2V)")
 
 
 def boundary_ratio(pipe) -> float | None:

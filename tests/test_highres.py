@@ -123,6 +123,30 @@ def test_window_covering_the_grid_equals_full_attention():
     torch.testing.assert_close(call(model, x, t, text), dense, rtol=0, atol=0)  # removed cleanly
 
 
+def test_dual_path_on_an_image_conditioned_transformer():
+    """Wan 2.1 I2V's transformer (image-latent channels, image tokens in attn2 through add_k/v): the
+    override records attn2's whole output, so a covering window still equals full attention."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=12, out_channels=4,
+                                      text_dim=8, freq_dim=8, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                                      qk_norm="rms_norm_across_heads", image_dim=8, added_kv_proj_dim=32).eval()
+    x, t, text = inputs()
+    x = torch.cat([x, torch.randn(1, 8, *x.shape[2:])], dim=1)
+    image = torch.randn(1, 3, 8)
+
+    def run():
+        with torch.no_grad():
+            return model(hidden_states=x, timestep=t, encoder_hidden_states=text, encoder_hidden_states_image=image,
+                         return_dict=False)[0]
+
+    dense = run()
+    dual = DualPath.install(model, SlidingWindow((None, GRID[1], GRID[2])), guide_every=1, impl="reference")
+    out = dual.conditional(run, 0)
+    dual.remove()
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+
+
 def test_small_window_differs_from_full_attention():
     model = tiny_wan()
     x, t, text = inputs()
@@ -299,11 +323,14 @@ def _model_calls(pipe):
     return calls, handles
 
 
-def test_denoise_matches_diffusers_two_expert_loop(two_experts):
+@pytest.mark.parametrize("expand_timesteps", [False, True])
+def test_denoise_matches_diffusers_two_expert_loop(two_experts, expand_timesteps):
     """The loop of the high-resolution pass, run densely on diffusers' own schedule, is WanPipeline's:
     the same expert at every call (the switch at the same step), guidance_scale_2 for the
-    low-noise expert, the same latents."""
-    pipe = two_experts
+    low-noise expert, per-token timesteps with expand_timesteps (Wan 2.2 TI2V), the same latents."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline(**two_experts.components, boundary_ratio=BOUNDARY_RATIO, expand_timesteps=expand_timesteps)
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 16, 2, 4, 4, generator=g)
     embeds, negative = torch.randn(1, 8, 384, generator=g), torch.randn(1, 8, 384, generator=g)
@@ -358,6 +385,20 @@ def test_two_experts_with_a_covering_window_equal_a_dense_video_to_video_run(two
                                                                        impl="reference"), **base)
     assert dual.record["highres"]["dual_path"]["guide_steps"] == [[0, 0], [1, 1]]  # strength 0.7: 2 steps
     np.testing.assert_allclose(dual.frames, dense.frames, rtol=0, atol=1e-5)
+
+
+def test_cli_generate_upscale_loads_a_two_expert_pipeline(two_experts, tmp_path):
+    from diffattn.cli import main
+
+    two_experts.save_pretrained(tmp_path / "wan22")
+    out = tmp_path / "fox.mp4"
+    rc = main(["generate", "--model", str(tmp_path / "wan22"), "--upscale", "2", "--size", "32x32", "--frames", "5",
+               "--steps", "4", "--highres", "strength=1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert (record["width"], record["height"]) == (64, 64)
+    assert record["highres"]["expert_per_step"] == ["transformer"] * 3 + ["transformer_2"]
+    assert record["highres"]["dual_path"]["guide_steps"] == [[0, 0], [2, 0], [3, 1]]
 
 
 def test_two_expert_errors(two_experts, embedded):
