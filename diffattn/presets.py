@@ -218,6 +218,9 @@ _PATTERN_ARGS: dict[str, dict[str, tuple[bool, Any, str]]] = {
         "dilation": (False, lambda v: (_int(v) and v >= 1) or (
             isinstance(v, (list, tuple)) and 1 <= len(v) <= 3 and all(_int(x) and x >= 1 for x in v)),
             "a positive int or a list of 1-3 positive ints"),
+        "tile": (False, lambda v: v is None or v is True or (_int(v) and v >= 1) or (
+            isinstance(v, (list, tuple)) and 1 <= len(v) <= 3 and all(_int(x) and x >= 1 for x in v)),
+            "null, true (the tile is the stride), a positive int or a list of 1-3 positive ints"),
     },
     "radial": {
         "decay": (True, lambda v: _number(v) and v > 0, "a number > 0"),
@@ -287,7 +290,10 @@ class PatternConfig:
         if isinstance(pattern, Dense):
             return cls("dense", {})
         if isinstance(pattern, SlidingWindow):
-            return cls("window", {"window": pattern.window, "stride": pattern.stride, "dilation": pattern.dilation})
+            options = {"window": pattern.window, "stride": pattern.stride, "dilation": pattern.dilation}
+            if pattern.tile is not None:
+                options["tile"] = pattern.tile
+            return cls("window", options)
         if isinstance(pattern, Radial):
             return cls("radial", {"decay": pattern.decay, "sink": pattern.sink, "block": pattern.block})
         raise TypeError(f"pattern must be Dense, SlidingWindow, Radial or a pattern string, got {type(pattern).__name__}")

@@ -308,3 +308,19 @@ def test_docstring_examples(name):
         runner.run(test)
     result = runner.summarize(verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_tiled_window_round_trips_through_strings_and_presets():
+    from diffattn import SlidingWindow
+    from diffattn.patterns.spec import parse_pattern
+    from diffattn.presets import PatternConfig
+
+    sta = SlidingWindow.tiled(tile=(6, 8, 8), window_tiles=(3, 3, 3))
+    assert parse_pattern("window:18x24x24,stride=6x8x8,tile=6x8x8") == sta
+    assert parse_pattern("window:18x24x24,stride=6x8x8,tile=true") == sta
+    assert parse_pattern("window:18x24x24,stride=6x8x8,tile=false").tile is None
+    config = PatternConfig.from_pattern(sta)
+    assert config.build() == sta
+    options = {k: v for k, v in config.to_dict().items() if k != "kind"}
+    assert PatternConfig("window", options).build() == sta  # as read back from YAML
+    assert "tile" not in PatternConfig.from_pattern(SlidingWindow((3, 9, 9))).options

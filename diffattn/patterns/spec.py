@@ -4,6 +4,8 @@ Grammar: ``NAME[:ARG][,KEY=VALUE...]``.
 
 - ``dense``
 - ``window:3x9x9`` / ``window:*x9x9,stride=1x2x2,dilation=1`` (``*`` = whole axis)
+- ``window:18x24x24,stride=6x8x8,tile=6x8x8`` / ``...,tile=true`` (tile = stride): the tile-aligned
+  (STA) execution of the same window
 - ``radial:0.2`` / ``radial:decay=0.95,sink=false``
 - ``topk:0.25`` / ``topk:cdf=0.9,block=64,similarity=0.3`` (BlockTopK)
 - ``piecewise:0.25`` / ``piecewise:0.25,order=0`` / ``piecewise:0.25,first_order=shared`` (Piecewise)
@@ -71,14 +73,17 @@ def parse_pattern(spec: str) -> Pattern:
             raise ValueError(f"pattern 'dense' takes no options, got {rest!r}")
         return Dense()
     if name == "window":
-        allowed = {"window", "stride", "dilation"}
+        allowed = {"window", "stride", "dilation", "tile"}
         kwargs = {}
         if positional:
             kwargs["window"] = _sizes(positional[0], "window")
         for key, value in options.items():
             if key not in allowed:
                 raise ValueError(f"pattern 'window' has no option {key!r}; allowed: {sorted(allowed)}")
-            kwargs[key] = _sizes(value, key)
+            if key == "tile" and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+                kwargs[key] = True if _bool(value, key) else None
+            else:
+                kwargs[key] = _sizes(value, key)
         if "window" not in kwargs:
             raise ValueError("pattern 'window' needs a window size, e.g. 'window:3x9x9'")
         return SlidingWindow(**kwargs)
