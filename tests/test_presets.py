@@ -227,7 +227,7 @@ BAD = {
     "pattern not a mapping": (edited(pattern="radial:0.2"), "pattern must be a mapping with a kind"),
     "window rejected by the class": (
         edited(method="window", pattern={"kind": "window", "window": [3, 3, 3], "stride": [1, 1]}),
-        "pattern: SlidingWindow window, stride and dilation tuples must have the same length"),
+        "pattern: SlidingWindow window, stride, dilation and tile tuples must have the same length"),
     "window of zero": (edited(method="window", pattern={"kind": "window", "window": [0, 3, 3]}), "pattern.window must be"),
     "window larger than the grid": (
         edited(method="window", pattern={"kind": "window", "window": [22, 3, 3]}),
