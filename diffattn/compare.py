@@ -185,10 +185,14 @@ class AttentionProbe:
     def _store_externals(self, key, q, k, v, layout, text_lens) -> None:
         from .partials import attention_partials
 
+        from .attention import select_blocks
+
         for method in self._cached_methods():
+            # a dynamic pattern's reuse steps keep the refresh's selection (as the step cache does)
+            selection = None if method.pattern.static else select_blocks(q, k, method.pattern, layout, impl=self.impl)
             _, _, out_ex, lse_ex = attention_partials(q, k, v, method.pattern, layout=layout, impl=self.impl,
-                                                      text_lens=text_lens)
-            self.externals[(key, method.label)] = (out_ex.cpu(), lse_ex.cpu())
+                                                      text_lens=text_lens, selection=selection)
+            self.externals[(key, method.label)] = (out_ex.cpu(), lse_ex.cpu(), selection)
 
     def _errors(self, key, layer, q, k, v, layout, text_lens) -> dict:
         from .attention import attention
@@ -207,7 +211,11 @@ class AttentionProbe:
             stored = self.externals.pop((key, method.label), None)
             if method.label not in cached or stored is None:
                 continue
-            out_ex, lse_ex = (t.to(q.device) for t in stored)
+            out_ex, lse_ex, selection = stored
+            out_ex, lse_ex = out_ex.to(q.device), lse_ex.to(q.device)
+            if selection is not None:
+                out, lse = attention(q, k, v, method.pattern, layout=layout, impl=self.impl, text_lens=text_lens,
+                                     return_lse=True, selection=selection)
             merged = light_merge(out, lse, lse_ex) if self.cache.light else merge_partials(out, lse, out_ex, lse_ex)[0]
             entry["errors_cached"][method.label] = attention_errors(merged.float(), ref)
         return entry

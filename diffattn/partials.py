@@ -116,7 +116,7 @@ def external_attention(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
     if pattern.is_dense:
         return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
     if not pattern.static:
-        keep = _select(pattern, q, k, layout, scale, selection)
+        keep = _select(pattern, q, k, layout, scale, selection, chosen)
     if chosen == "reference":
         inner = selected_mask_mod(keep, pattern.block) if not pattern.static else pattern.visual_mask_mod(layout.grid, q.device)
         vs = layout.visual_start
@@ -158,7 +158,7 @@ def _partials_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: floa
         mask_kind, params = pattern.kernel_mask(layout.grid)
     else:
         n = layout.num_visual
-        classes = selected_classes(_select(pattern, q, k, layout, scale, selection), pattern.block, block_q, block_k, n)
+        classes = selected_classes(_select(pattern, q, k, layout, scale, selection, "triton"), pattern.block, block_q, block_k, n)
         blocks = BlockLayout.from_classes(classes, block_q, block_k, n)
         outside = external_only_layout(classes, block_q, block_k, n)
         internal = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
@@ -210,7 +210,7 @@ def attention_partials(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
         return _partials_triton(q, k, v, pattern, layout, scale, block_size, text_lens, selection)
     if not pattern.static and selection is None and not pattern.is_dense:
         scale_ = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        selection = _select(pattern, q, k, layout, scale_, None)
+        selection = _select(pattern, q, k, layout, scale_, None, chosen)
     out_in, lse_in = attention(q, k, v, pattern, layout=layout, impl=impl, return_lse=True, scale=scale,
                                block_size=block_size, text_lens=text_lens, selection=selection)
     out_ex, lse_ex = external_attention(q, k, v, pattern, layout=layout, impl=impl, scale=scale,

@@ -187,6 +187,8 @@ def _top_mass(logits, j_valid, cdf, BLOCK_I: tl.constexpr):
 def _pool(x: torch.Tensor, vis_start: int, n_vis: int, block: int, transpose: bool, similarity: bool):
     """Block means ``float32 [B, H, NB, D]`` (or ``[B, H, D, NB]`` with ``transpose``) and the
     self-similarity ``[B, H, NB]`` (None without ``similarity``)."""
+    if x.stride(-1) != 1:  # the kernel walks D with a unit stride
+        x = x.contiguous()
     batch, _, heads, head_dim = x.shape
     nb = triton.cdiv(n_vis, block)
     if transpose:

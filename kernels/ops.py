@@ -11,6 +11,7 @@ import os
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from .block_sparse_attention import LOG2E, block_sparse_attn_fwd_kernel, block_sparse_partials_fwd_kernel
 from .merge_partials import merge_partials_fwd_kernel
@@ -69,7 +70,7 @@ def _checked_inputs(q, k, v, layout: dict, text_lens):
         if text_lens.shape != (q.shape[0],) or text_lens.device != q.device:
             raise ValueError(f"text_lens must be [B={q.shape[0]}] on {q.device}, got {tuple(text_lens.shape)} on "
                              f"{text_lens.device}")
-        text_lens = text_lens.to(torch.int32)
+        text_lens = text_lens.to(torch.int32).contiguous()  # read as TextLens + b
     return q, k, v, text_lens
 
 
@@ -328,39 +329,44 @@ def piecewise_attention(
     if text_lens is not None:
         if text_lens.shape != (batch,) or text_lens.device != q.device:
             raise ValueError(f"text_lens must be [B={batch}] on {q.device}, got {tuple(text_lens.shape)} on {text_lens.device}")
-        text_lens = text_lens.to(torch.int32)
-    piecewise_attn_fwd_kernel[grid](
-        q, k, v, out, lse,
-        full_num, full_idx, part_num, part_idx, keep, k_mean, v_sum, size, h_mat, h_norm,
-        lowrank_u, lowrank_w, full_num if text_lens is None else text_lens,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2),
-        full_num.stride(0), full_num.stride(1),
-        full_idx.stride(0), full_idx.stride(1), full_idx.stride(2),
-        part_idx.stride(0), part_idx.stride(1), part_idx.stride(2),
-        keep.stride(0), keep.stride(1), keep.stride(2),
-        k_mean.stride(0), k_mean.stride(1),
-        h_mat.stride(0) if h_mat.dim() == 5 else 0, h_mat.stride(1) if h_mat.dim() == 5 else 0, h_stride_m,
-        h_norm.stride(0) if h_norm.dim() == 3 else 0, h_norm.stride(1) if h_norm.dim() == 3 else 0,
-        lowrank_u.stride(0), lowrank_u.stride(1),
-        heads, seq_len, vis_start, n_vis, text_start, text_len, n_vis_q_blocks, keep.shape[-1],
-        scale * LOG2E, scale, first_order_norm,
-        HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_M=block,
-        BLOCK_N=block,
-        BLOCK_J=max(16, 64 // rank_p) if first_order == 3 else 64,
-        FIRST_ORDER=first_order,
-        RANK=rank,
-        RANK_P=rank_p,
-        HAS_TEXT_LENS=text_lens is not None,
-        UPCAST=interpreting() and q.dtype == torch.bfloat16,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        **({} if interpreting() else {"num_warps": 4, "num_stages": 2}),
-    )
+        text_lens = text_lens.to(torch.int32).contiguous()  # read as TextLens + b
+    try:
+        piecewise_attn_fwd_kernel[grid](
+            q, k, v, out, lse,
+            full_num, full_idx, part_num, part_idx, keep, k_mean, v_sum, size, h_mat, h_norm,
+            lowrank_u, lowrank_w, full_num if text_lens is None else text_lens,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            full_num.stride(0), full_num.stride(1),
+            full_idx.stride(0), full_idx.stride(1), full_idx.stride(2),
+            part_idx.stride(0), part_idx.stride(1), part_idx.stride(2),
+            keep.stride(0), keep.stride(1), keep.stride(2),
+            k_mean.stride(0), k_mean.stride(1),
+            h_mat.stride(0) if h_mat.dim() == 5 else 0, h_mat.stride(1) if h_mat.dim() == 5 else 0, h_stride_m,
+            h_norm.stride(0) if h_norm.dim() == 3 else 0, h_norm.stride(1) if h_norm.dim() == 3 else 0,
+            lowrank_u.stride(0), lowrank_u.stride(1),
+            heads, seq_len, vis_start, n_vis, text_start, text_len, n_vis_q_blocks, keep.shape[-1],
+            scale * LOG2E, scale, first_order_norm,
+            HEAD_DIM=head_dim,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            BLOCK_M=block,
+            BLOCK_N=block,
+            BLOCK_J=max(16, 64 // rank_p) if first_order == 3 else 64,
+            FIRST_ORDER=first_order,
+            RANK=rank,
+            RANK_P=rank_p,
+            HAS_TEXT_LENS=text_lens is not None,
+            UPCAST=interpreting() and q.dtype == torch.bfloat16,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            **({} if interpreting() else {"num_warps": 4, "num_stages": 2}),
+        )
+    except OutOfResources as exc:  # shared memory grows with the block, the head dim and the rank
+        order = {0: "order 0", 1: "pooled", 2: "shared", 3: f"lowrank rank {rank}"}[first_order]
+        raise ValueError(f"Piecewise (block {block}, head dim {head_dim}, {order}) needs more GPU shared memory "
+                         f"than this GPU has ({exc}); use block=64, a low rank <= 4, or impl='reference'") from None
     return out, lse
 
 

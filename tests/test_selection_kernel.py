@@ -222,3 +222,34 @@ def test_selection_bench_arguments_and_dry_run(tmp_path, capsys):
     assert {"select_ms", "blocktopk_ms", "selection_share", "piecewise_pooled_vs_blocktopk"} <= set(row)
     if not torch.cuda.is_available():
         assert bench.main(["--out", str(tmp_path / "gpu.json")]) == 2
+
+
+def test_inputs_strided_along_the_head_dim():
+    layout = TokenLayout((2, 8, 8), text_len=6)
+    q, k, v = structured_qkv(layout, heads=2, head_dim=32)
+    q2, k2 = q[..., ::2], k[..., ::2]  # D = 16 with stride 2
+    got, want = both(q2, k2, BlockTopK(density=0.3, block=16), layout)
+    assert torch.equal(got, want)
+    pattern = BlockTopK(density=0.3, block=16)
+    out = diffattn.attention(q2, k2, v[..., ::2], pattern, layout=layout, impl="triton")
+    ref = diffattn.attention(q2, k2, v[..., ::2], pattern, layout=layout, impl="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_blocks_must_divide_the_selection_block():
+    layout = TokenLayout((2, 4, 8))
+    q = torch.randn(1, layout.seq_len, 2, 16)
+    for block_size in ((32, 32), (64, 16)):
+        with pytest.raises(ValueError, match="kernel blocks must divide 16"):
+            diffattn.attention(q, q, q, BlockTopK(density=0.3, block=16), layout=layout, impl="triton",
+                               block_size=block_size)
+
+
+def test_strided_text_lens():
+    layout = TokenLayout((2, 4, 8), text_len=8)
+    q, k, v = structured_qkv(layout, batch=2, heads=2, head_dim=16)
+    lens = torch.tensor([[5, 0], [8, 0]], dtype=torch.int32)[:, 0]  # stride 2
+    for pattern in (BlockTopK(density=0.5, block=16), diffattn.SlidingWindow((1, 3, 3))):
+        out = diffattn.attention(q, k, v, pattern, layout=layout, impl="triton", text_lens=lens)
+        ref = diffattn.attention(q, k, v, pattern, layout=layout, impl="reference", text_lens=lens)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -145,3 +145,35 @@ def test_light_mode_stores_only_the_mass(pipe, dense):
     diffattn.remove(pipe)
     assert peak == 8 * (320 * 2 * 4)  # lse only: [1, 320, 2] fp32 per layer and branch
     assert np.isfinite(out).all()
+
+
+def test_dynamic_selection_stays_with_its_stored_external_part():
+    """BlockTopK under the cache: a reuse step attends the blocks selected at the refresh, whose
+    complement is the stored external partial, even when the data would select others now."""
+    import torch
+
+    from diffattn import BlockTopK, TokenLayout
+    from diffattn.attention import attention, select_blocks
+    from diffattn.integration import GenerationState, Schedule, SparseAttentionCore
+    from diffattn.partials import attention_partials, merge_partials
+
+    layout = TokenLayout((2, 4, 8))
+    pattern = BlockTopK(density=0.34, block=16)
+    state = GenerationState(layout=layout)
+    core = SparseAttentionCore(pattern, Schedule(), 0, state, "reference", StepCache(refresh_every=2))
+    gen = torch.Generator().manual_seed(0)
+    qkv = [[torch.randn(1, layout.seq_len, 2, 16, generator=gen) for _ in range(3)] for _ in range(2)]
+    outs = []
+    for step, (q, k, v) in enumerate(qkv):
+        state.step = step
+        outs.append(core.attend(q, k, v))
+    (q0, k0, v0), (q1, k1, v1) = qkv
+    refresh_sel = select_blocks(q0, k0, pattern, layout)
+    assert not torch.equal(refresh_sel, select_blocks(q1, k1, pattern, layout))  # the data moved
+    _, _, out_ex, lse_ex = attention_partials(q0, k0, v0, pattern, layout=layout, impl="reference",
+                                              selection=refresh_sel)
+    out_in, lse_in = attention(q1, k1, v1, pattern, layout=layout, impl="reference", return_lse=True,
+                               selection=refresh_sel)
+    torch.testing.assert_close(outs[1], merge_partials(out_in, lse_in, out_ex, lse_ex)[0])
+    entry = next(iter(state.cache.values()))
+    assert torch.equal(entry.selection, refresh_sel) and entry.nbytes >= refresh_sel.numel()

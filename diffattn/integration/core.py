@@ -156,11 +156,11 @@ class SparseAttentionCore:
                     logger.warning("diffattn: an attention mask that is not text padding; this call runs dense")
                     self._warned_mask = True
                 return self._dispatch(q, k, v, attn_mask, backend, None)
-        selection = None
-        if not self.pattern.static and (self.schedule.selection_every > 1 or self.cache is not None):
-            selection = self._reused_selection(q, k, layout, heads)
         if self.cache is not None:
-            return self._attend_cached(q, k, v, layout, text_lens, selection, heads)
+            return self._attend_cached(q, k, v, layout, text_lens, heads)
+        selection = None
+        if not self.pattern.static and self.schedule.selection_every > 1:
+            selection = self._reused_selection(q, k, layout, heads)
         return attention(q, k, v, self.pattern, layout=layout, impl=self.impl, text_lens=text_lens, selection=selection)
 
     def _text_lens(self, attn_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor | None:
@@ -198,16 +198,21 @@ class SparseAttentionCore:
             out_ext=None if config.light else stored(out_ex, config), lse_ext=stored(lse_ex, config, torch.float32),
             lse_in=stored(lse_in, config, torch.float32) if config.lse_gate is not None else None,
             out_in=stored(out_in, config) if config.cosine_gate is not None else None,
+            selection=selection,
         )
         return merge_partials(out_in, lse_in, out_ex, lse_ex, impl=self.impl)[0]
 
-    def _attend_cached(self, q, k, v, layout, text_lens, selection, heads):
+    def _attend_cached(self, q, k, v, layout, text_lens, heads):
         state, config = self.state, self.cache
         entry = state.cache.get((self.layer, state.branch))
         stale = (entry is None or entry.key != self._cache_key(q, layout, heads)
                  or not 0 <= state.step - entry.step < config.refresh_every)
         if stale:
-            return self._refresh(q, k, v, layout, text_lens, selection, heads)
+            return self._refresh(q, k, v, layout, text_lens, None, heads)
+        # A dynamic pattern keeps the selection of the refresh until the next one: the stored
+        # external partial is the complement of exactly those blocks, so a fresh selection would
+        # count some keys twice and drop others.
+        selection = entry.selection
         out_in, lse_in = attention(q, k, v, self.pattern, layout=layout, impl=self.impl, return_lse=True,
                                    text_lens=text_lens, selection=selection)
         if config.lse_gate is not None or config.cosine_gate is not None:

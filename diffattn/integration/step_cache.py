@@ -78,10 +78,13 @@ class CacheEntry:
     out_in: torch.Tensor | None = None  # for the cosine gate
     heads: tuple[int, int] | None = None  # global indices (first, stop) of the H heads held: under Ulysses
     # context parallelism each rank keeps the entries of its own heads
+    selection: torch.Tensor | None = None  # bool [B, H, NQ, NK]: a dynamic pattern's blocks at the refresh,
+    # used until the next one (the external partial is their complement)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.out_ext, self.lse_ext, self.lse_in, self.out_in) if t is not None)
+        held = (self.out_ext, self.lse_ext, self.lse_in, self.out_in, self.selection)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
 
 def light_merge(out_in: torch.Tensor, lse_in: torch.Tensor, lse_ext: torch.Tensor) -> torch.Tensor:
