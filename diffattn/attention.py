@@ -310,6 +310,9 @@ def attention(
         logger.debug("diffattn.attention: %s (%s)", chosen, why)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if isinstance(pattern, Piecewise):
+        if block_size is not None and tuple(block_size) != (pattern.block, pattern.block):
+            raise ValueError(f"block_size={tuple(block_size)!r}: Piecewise runs blocks of its own block size "
+                             f"({pattern.block}, {pattern.block}); leave block_size out or set Piecewise(block=...)")
         if chosen == "reference":
             padding = None if text_lens is None else text_key_padding(text_lens, layout)
             out, lse = piecewise_attention_reference(q, k, v, pattern, layout, scale=scale, key_padding=padding,

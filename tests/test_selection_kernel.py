@@ -253,3 +253,12 @@ def test_strided_text_lens():
         out = diffattn.attention(q, k, v, pattern, layout=layout, impl="triton", text_lens=lens)
         ref = diffattn.attention(q, k, v, pattern, layout=layout, impl="reference", text_lens=lens)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_piecewise_refuses_a_foreign_block_size():
+    layout = TokenLayout((2, 4, 8))
+    q = torch.randn(1, layout.seq_len, 2, 16)
+    with pytest.raises(ValueError, match="Piecewise runs blocks of its own block size"):
+        diffattn.attention(q, q, q, Piecewise(0.3, block=16), layout=layout, impl="reference", block_size=(32, 32))
+    out = diffattn.attention(q, q, q, Piecewise(0.3, block=16), layout=layout, impl="reference", block_size=(16, 16))
+    assert out.shape == q.shape
