@@ -171,8 +171,8 @@ def kernel_blocks(pattern: Pattern, head_dim: int, block_size=None, grid: tuple 
     if block_size is None and limit is not None:
         block_q, block_k = min(block_q, limit), min(block_k, limit)
     if limit is not None and (limit % block_q or limit % block_k):
-        raise ValueError(f"block_size={(block_q, block_k)!r}: {type(pattern).__name__} keeps whole blocks of "
-                         f"{limit} tokens, so kernel blocks must divide {limit}")
+        raise ValueError(f"block_size (block_q, block_k) = {(block_q, block_k)!r}: {type(pattern).__name__} keeps "
+                         f"whole blocks of {limit} tokens, so kernel blocks must divide {limit}")
     return block_q, block_k
 
 
