@@ -84,8 +84,10 @@ def _check_generation_args(args) -> dict:
         value = getattr(args, name)
         if value is not None and value < 0:
             raise CliError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    if args.guidance is not None and args.guidance < 0:
-        raise CliError(f"--guidance must be >= 0, got {args.guidance}")
+    for name in ("guidance", "guidance_2"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < float("inf"):
+            raise CliError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
     if args.fps is not None and not 0 < args.fps < float("inf"):
         raise CliError(f"--fps must be > 0, got {args.fps}")
     if args.cache is not None:
@@ -103,7 +105,7 @@ def _check_generation_args(args) -> dict:
             raise CliError("give either --size WxH or --height/--width, not both")
         width, height = args.size
     return {"height": height, "width": width, "num_frames": args.frames, "num_inference_steps": args.steps,
-            "guidance_scale": args.guidance}
+            "guidance_scale": args.guidance, "guidance_scale_2": args.guidance_2}
 
 
 @contextlib.contextmanager
@@ -212,6 +214,8 @@ def _add_generation_args(p) -> None:
     p.add_argument("--width", type=int, help="frame width in pixels")
     p.add_argument("--frames", type=int, help="number of frames (Wan: 4k + 1; 1 = an image)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--guidance-2", type=float, dest="guidance_2",
+                   help="guidance scale of the low-noise expert of a two-expert (Wan 2.2) pipeline, default --guidance")
     p.add_argument("--dense-steps", type=int, help="first N denoising steps dense (default: the preset's, else 0)")
     p.add_argument("--dense-layers", type=int, help="first L transformer blocks dense (default: the preset's, else 0)")
     p.add_argument("--dense-last-steps", type=int, help="last M steps dense (default: the preset's, else 0)")

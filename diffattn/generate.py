@@ -62,7 +62,7 @@ EMBEDDED_WEIGHTS_SEED = 0
 DEFAULT_PROMPT = "a red fox running through fresh snow at sunrise"
 OUTPUT_SUFFIXES = (".mp4", ".gif", ".png")
 #: Generation settings a preset or the command line may set (``pipe(...)`` keyword names).
-SETTING_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")
+SETTING_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_2")
 
 
 class UserError(ValueError):
@@ -408,7 +408,7 @@ def _call_parameters(pipe) -> set[str]:
 def generation_settings(target: Target, preset=None, **cli) -> dict:
     """``pipe(...)`` keyword arguments: the target's defaults, then the preset's ``generation``
     (not for the embedded pipeline: a preset's sizes are for its real model), then the command line (``height``, ``width``, ``num_frames``, ``num_inference_steps``,
-    ``guidance_scale``; None = not given). Checked; raises :class:`UserError`."""
+    ``guidance_scale``, ``guidance_scale_2``; None = not given). Checked; raises :class:`UserError`."""
     settings = dict(target.defaults)
     if preset is not None and not target.embedded:  # the preset's sizes are for its real model
         generation = dict(getattr(preset, "generation", None) or {})
@@ -417,11 +417,15 @@ def generation_settings(target: Target, preset=None, **cli) -> dict:
     for key in ("height", "width", "num_frames", "num_inference_steps"):
         if key in settings and (isinstance(settings[key], bool) or not isinstance(settings[key], int) or settings[key] < 1):
             raise UserError(f"{key} must be a positive int, got {settings[key]!r}")
-    if "guidance_scale" in settings:
-        g = settings["guidance_scale"]
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
-            raise UserError(f"guidance_scale must be a number >= 0, got {g!r}")
-        settings["guidance_scale"] = float(g)
+    for key in ("guidance_scale", "guidance_scale_2"):
+        if key in settings:
+            g = settings[key]
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+                raise UserError(f"{key} must be a number >= 0, got {g!r}")
+            settings[key] = float(g)
+    if "guidance_scale_2" in settings and getattr(getattr(target.pipe, "config", None), "boundary_ratio", None) is None:
+        raise UserError(f"guidance_scale_2 (--guidance-2) is for two-expert pipelines (Wan 2.2 with boundary_ratio); "
+                        f"{type(target.pipe).__name__} has one transformer")
     if target.embedded:
         from .pipelines import EmbeddedDefaults
 

@@ -12,7 +12,8 @@ from .generate import (EMBEDDED_NOTE, OutputPlan, Target, UserError, _round_timi
 __all__ = ["generate_highres_outputs"]
 
 #: ``generate_highres`` keyword arguments taken from the generation settings when present.
-_BASE_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "max_sequence_length")
+_BASE_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_2",
+              "max_sequence_length")
 
 
 def _rounded(timings: dict) -> dict:

@@ -393,10 +393,12 @@ def test_cli_generate_upscale_loads_a_two_expert_pipeline(two_experts, tmp_path)
     two_experts.save_pretrained(tmp_path / "wan22")
     out = tmp_path / "fox.mp4"
     rc = main(["generate", "--model", str(tmp_path / "wan22"), "--upscale", "2", "--size", "32x32", "--frames", "5",
-               "--steps", "4", "--highres", "strength=1", "--out", str(out), "--no-progress"])
+               "--steps", "4", "--highres", "strength=1", "--guidance", "4", "--guidance-2", "3", "--out", str(out),
+               "--no-progress"])
     assert rc == 0
     record = json.loads(out.with_suffix(".json").read_text())
     assert (record["width"], record["height"]) == (64, 64)
+    assert record["highres"]["guidance_scales"] == {"transformer": 4.0, "transformer_2": 3.0}
     assert record["highres"]["expert_per_step"] == ["transformer"] * 3 + ["transformer_2"]
     assert record["highres"]["dual_path"]["guide_steps"] == [[0, 0], [2, 0], [3, 1]]
 
@@ -561,3 +563,11 @@ def test_docstring_examples(name):
     for test in doctest.DocTestFinder(exclude_empty=True).find(module, name):
         runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_cli_guidance_2_needs_two_experts(capsys):
+    from diffattn.cli import main
+
+    assert main(["generate", "--guidance-2", "3", "--steps", "2", "--no-progress"]) == 2
+    assert "guidance_scale_2 (--guidance-2) is for two-expert pipelines" in capsys.readouterr().err
+    assert main(["generate", "--guidance-2", "-1"]) == 2
