@@ -166,6 +166,9 @@ def kernel_blocks(pattern: Pattern, head_dim: int, block_size=None, grid: tuple 
 
     block_q, block_k = block_size or kernel_block_size(head_dim)
     if isinstance(pattern, SlidingWindow) and pattern.tile is not None:
+        if grid is None:
+            raise ValueError(f"kernel_blocks needs the grid for a tiled SlidingWindow ({pattern!r}): its blocks "
+                             "depend on the tile order of that grid")
         return pattern.tile_blocks(tuple(grid), block_q, block_k, fixed=block_size is not None)
     limit = pattern.kernel_block_limit()
     if block_size is None and limit is not None:

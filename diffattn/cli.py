@@ -141,16 +141,21 @@ def cmd_generate(args) -> int:
             raise CliError("--ulysses does not combine with --upscale yet")
         if args.ulysses_anything and args.ulysses == 1:
             raise CliError("--ulysses-anything needs --ulysses N with N > 1")
-        generate(prompts=prompts, seed=args.seed, method=method, model=args.model, preset=preset,
-                 preset_name=args.preset, settings_cli=settings, out=args.out, impl=args.impl, device=args.device,
-                 dtype=args.dtype, fps=args.fps, progress=not args.no_progress, cache=args.step_cache,
-                 upscale=args.upscale, highres=highres, ulysses=args.ulysses,
-                 ulysses_anything=args.ulysses_anything)
-    if args.ulysses > 1:
-        import torch.distributed
+        if args.ulysses > 1 and args.device not in (None, "auto"):
+            raise CliError(f"--device {args.device}: under --ulysses each rank uses the GPU of its LOCAL_RANK; "
+                           "leave --device out")
+        try:
+            generate(prompts=prompts, seed=args.seed, method=method, model=args.model, preset=preset,
+                     preset_name=args.preset, settings_cli=settings, out=args.out, impl=args.impl,
+                     device=args.device, dtype=args.dtype, fps=args.fps, progress=not args.no_progress,
+                     cache=args.step_cache, upscale=args.upscale, highres=highres, ulysses=args.ulysses,
+                     ulysses_anything=args.ulysses_anything)
+        finally:
+            if args.ulysses > 1:
+                import torch.distributed
 
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+                if torch.distributed.is_initialized():
+                    torch.distributed.destroy_process_group()
     return 0
 
 
@@ -236,16 +241,27 @@ def _add_generation_args(p) -> None:
 
 def cmd_show(args) -> int:
     from .block_layout import build_block_layout
+
+    args.block_given = args.block is not None
+    if args.block is None:
+        args.block = (128, 64)
     from .patterns import parse_pattern
     from .tokens import TokenLayout
 
     try:
         pattern = parse_pattern(args.pattern)
         layout = TokenLayout(args.grid, text_len=args.text_len)
-        blocks = build_block_layout(pattern, args.grid, *args.block)
+        block = args.block
+        tiled = getattr(pattern, "tile", None) is not None
+        if tiled:  # the blocks the kernel runs the tile-major order with (no partial block)
+            block = pattern.tile_blocks(tuple(args.grid), *block, fixed=args.block_given)
+        blocks = build_block_layout(pattern, args.grid, *block)
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
     print(f"{pattern}\n{layout}: attends {pattern.density(layout):.2%} of token pairs")
+    if tiled:
+        print(f"tokens in tile-major order (tile {'x'.join(map(str, pattern.tile_shape(tuple(args.grid))))}), "
+              f"kernel blocks {block[0]}x{block[1]}")
     print(blocks)
     if max(blocks.num_q_blocks, blocks.num_k_blocks) <= 64:
         print(blocks.render())
@@ -368,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("pattern", help="pattern, e.g. 'window:3x9x9', 'window:*x8x8,stride=1x2x2', 'radial:0.2', 'dense'")
     show.add_argument("--grid", type=_grid, required=True, help="token grid FxHxW (video) or HxW (image)")
     show.add_argument("--text-len", type=int, default=0, help="text tokens in the sequence (dense), default 0")
-    show.add_argument("--block", type=_block, default=(128, 64), help="kernel block sizes QxK, default 128x64")
+    show.add_argument("--block", type=_block, help="kernel block sizes QxK, default 128x64 (a tiled window: the "
+                                                   "largest that keep its tiles whole)")
     show.add_argument("--out", help="PNG file to write")
     show.set_defaults(func=cmd_show)
 

@@ -936,6 +936,8 @@ def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | 
 
     t_start = time.perf_counter()
     plans = plan_outputs(out, prompts)
+    if upscale is not None and ulysses != 1:
+        raise UserError("upscale (FreeSwim) does not run under Ulysses context parallelism yet; use ulysses=1")
     if upscale is not None and (not method.plain_dense or cache is not None):
         raise UserError("--upscale runs its own attention on the high-resolution pass: use a dense method and no --cache")
     parallel = None

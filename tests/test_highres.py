@@ -571,3 +571,10 @@ def test_cli_guidance_2_needs_two_experts(capsys):
     assert main(["generate", "--guidance-2", "3", "--steps", "2", "--no-progress"]) == 2
     assert "guidance_scale_2 (--guidance-2) is for two-expert pipelines" in capsys.readouterr().err
     assert main(["generate", "--guidance-2", "-1"]) == 2
+
+
+def test_upscale_under_ulysses_is_refused_by_the_api():
+    from diffattn.generate import UserError, generate, resolve_method
+
+    with pytest.raises(UserError, match="does not run under Ulysses"):
+        generate(prompts=["a fox"], method=resolve_method(None), upscale=2.0, ulysses=2, log=lambda *a, **k: None)

@@ -97,7 +97,7 @@ def test_spec_repr_and_shorthand():
 
 
 @pytest.mark.parametrize("make, grid, match", [
-    (lambda: SlidingWindow((1, 8, 4), stride=(1, 4, 4), tile=(1, 4, 4)), (2, 16, 16), "even"),
+    (lambda: SlidingWindow((1, 8, 4), stride=(1, 4, 4), tile=(1, 4, 4)), (2, 16, 16), "starts off the tile boundaries"),
     (lambda: SlidingWindow((1, 6, 4), stride=(1, 4, 4), tile=(1, 4, 4)), (2, 16, 16), "not a multiple of tile"),
     (lambda: SlidingWindow((1, 12, 4), stride=(1, 1, 4), tile=(1, 4, 4)), (2, 16, 16), "different windows"),
     (lambda: SlidingWindow.tiled(tile=(1, 4, 4), window_tiles=(1, 3, 1)), (2, 14, 16), "not a whole number"),
@@ -273,3 +273,23 @@ def test_torch_compile_fullgraph():
     out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
     torch.testing.assert_close(out, diffattn.attention(q, k, v, pattern, layout=layout, impl="reference"),
                                atol=2e-5, rtol=0)
+
+
+def test_show_uses_the_kernel_blocks_of_the_tile_order(capsys):
+    from diffattn.cli import main
+
+    assert main(["show", "window:4x12x12,stride=2x4x4,tile=true", "--grid", "4x16x16"]) == 0
+    out = capsys.readouterr().out
+    assert "tile-major order" in out and "partial=0.0%" in out
+
+
+def test_kernel_blocks_of_a_tiled_window_need_the_grid():
+    from diffattn.attention import kernel_blocks
+
+    with pytest.raises(ValueError, match="needs the grid"):
+        kernel_blocks(SlidingWindow.tiled(tile=(2, 4, 4), window_tiles=(1, 3, 3)), 64)
+
+
+def test_tiled_with_int_tile_is_the_same_on_every_axis():
+    assert SlidingWindow.tiled(8, 3) == SlidingWindow(24, stride=8, tile=8)
+    assert SlidingWindow.tiled(8, (3, 3)) == SlidingWindow((24, 24), stride=(8, 8), tile=(8, 8))

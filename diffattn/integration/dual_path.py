@@ -277,8 +277,14 @@ class DualPath:
         from .apply import remove
 
         self.store.clear()
-        for model in self.transformers:
-            remove(model)
+        failures = []
+        for model in self.transformers:  # every expert, even when one of them fails
+            try:
+                remove(model)
+            except Exception as exc:  # noqa: BLE001 - reported after the others are restored
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
     def record(self) -> dict:
         """Settings, pass counts, guide steps and cache memory for a JSON record."""

@@ -12,7 +12,7 @@ Per grid axis of length n, with window k, stride s and dilation r (METHODS secti
 - a key is attended iff it is in the query's dilation group and window on every axis.
 
 Tile-aligned variant (STA): with ``tile`` set, every query tile must share one window that starts
-and ends on tile boundaries (stride == tile and window an odd multiple of the tile, per axis). The
+and ends on tile boundaries (e.g. stride == tile and window an odd multiple of the tile). The
 attended pairs are the same; only the execution changes: the kernel runs on the tokens in
 tile-major order (``diffattn.tile_order``), where every block is full or empty.
 """
@@ -91,8 +91,8 @@ class SlidingWindow(Pattern):
             or ``True`` (the tile is the stride). With a tile, the kernel runs on tokens in
             tile-major order, where every block is full or empty (STA); the attended pairs are
             exactly those without it. Needs, per axis: every tile's queries share one window
-            that starts and ends on tile boundaries (stride == tile and window an odd multiple
-            of the tile; ``None`` windows are fine), the axis a whole number of tiles, dilation 1,
+            that starts and ends on tile boundaries (e.g. stride == tile and window an odd
+            multiple of the tile; ``None`` windows are fine), the axis a whole number of tiles, dilation 1,
             and a tile volume that is a multiple of 16 (kernel blocks never straddle tiles).
             ``SlidingWindow.tiled`` builds one from the tile and the window in tiles.
 
@@ -147,6 +147,8 @@ class SlidingWindow(Pattern):
         SlidingWindow(window=(None, 24), stride=(4, 8), dilation=1, tile=(4, 8))
         """
         tile = _per_axis(tile, "tile", allow_none=False)
+        if not isinstance(tile, tuple) and isinstance(window_tiles, (tuple, list)):
+            tile = (tile,) * len(window_tiles)  # one tile edge for every axis
         tiles = tile if isinstance(tile, tuple) else (tile,)
         counts = window_tiles if isinstance(window_tiles, (tuple, list)) else (window_tiles,) * len(tiles)
         if len(counts) != len(tiles):
@@ -156,6 +158,8 @@ class SlidingWindow(Pattern):
                 raise ValueError(f"SlidingWindow.tiled window_tiles[{axis}] must be an odd positive int (a window "
                                  f"centred on its tile) or None (whole axis), got {m!r}")
         window = tuple(None if m is None else m * t for m, t in zip(counts, tiles))
+        if not isinstance(tile, tuple):  # an int tile and an int count: the same on every axis
+            return cls(window[0], stride=tile, tile=tile)
         return cls(window, stride=tuple(tiles), tile=tuple(tiles))
 
     def __repr__(self) -> str:
@@ -219,15 +223,17 @@ class SlidingWindow(Pattern):
                 continue
             if k % t:
                 raise ValueError(f"SlidingWindow window[{axis}]={k} is not a multiple of tile[{axis}]={t}; "
-                                 f"allowed: an odd multiple of the tile (e.g. {3 * t}) with stride == tile")
+                                 f"allowed: windows on tile boundaries, e.g. an odd multiple of the tile "
+                                 f"({3 * t}) with stride == tile")
             problem = _tile_alignment(n, k, s, t)
             if problem == "split":
                 raise ValueError(f"SlidingWindow stride[{axis}]={s}: queries of one tile ({t} tokens on axis {axis}) "
                                  f"get different windows; allowed: stride == tile[{axis}]={t}")
             if problem == "offset":
                 raise ValueError(f"SlidingWindow window[{axis}]={k} with stride {s} starts off the tile boundaries "
-                                 f"(tile[{axis}]={t}); allowed: an odd multiple of the tile (window / tile = "
-                                 f"{k // t} is even)")
+                                 f"(tile[{axis}]={t}): every tile's queries must share one window that starts and "
+                                 f"ends on tile boundaries; allowed: e.g. stride == tile and window an odd "
+                                 f"multiple of the tile ({3 * t})")
 
     def tile_order(self, layout: TokenLayout) -> TileOrder | None:
         """The token order the kernel runs in for ``layout`` (None: raster order)."""
