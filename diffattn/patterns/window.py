@@ -297,7 +297,13 @@ class SlidingWindow(Pattern):
 def _tile_alignment(n: int, k: int, s: int, t: int) -> str:
     """How a window (k, stride s) on an axis of n misses tiles of t: "split" (one tile's queries get
     different windows), "offset" (a window starts off a tile boundary) or "" (aligned). A constant
-    for ``torch.compile``, so validation does not branch on tensor data while tracing."""
+    for ``torch.compile``, so validation does not branch on tensor data while tracing; cached, as
+    every attention call validates its pattern."""
+    return _tile_alignment_cached(n, k, s, t)
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_alignment_cached(n: int, k: int, s: int, t: int) -> str:
     starts = AxisWindow(n, k, s).window_start(torch.arange(n))[1].reshape(n // t, t)
     if bool((starts != starts[:, :1]).any()):
         return "split"
