@@ -343,23 +343,14 @@ def load_target(model: str | None = None, preset=None, *, device: str | None = N
                       time.perf_counter() - t0, defaults)
     model = str(model)
     log(f"model: {model}" + (f" (preset {getattr(preset, 'name', '?')})" if preset is not None else ""))
-    try:
-        from .pipelines import load_pipeline
-    except ImportError:
-        load_pipeline = None
-    try:
-        if load_pipeline is not None:
-            # Checks model_index.json (a diffusers pipeline with a transformer diffattn supports,
-            # of the preset's family) before loading any weights; installs the preset (the caller
-            # then installs the method it resolved, which replaces it).
-            pipe, _handle = load_pipeline(model, preset, torch_dtype=torch_dtype, device=device)
-        else:  # pragma: no cover - diffattn.pipelines without load_pipeline
-            if preset is not None:
-                raise UserError("cannot load a preset's model: diffattn.pipelines.load_pipeline is missing")
-            from diffusers import DiffusionPipeline
+    from .pipelines import load_pipeline
 
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
-            pipe.to(device)
+    try:
+        # Checks model_index.json (a diffusers pipeline with a transformer diffattn supports, of
+        # the preset's family) before loading any weights. Nothing is installed here: the caller
+        # installs the method it resolved from the preset and the command line.
+        pipe, _handle = load_pipeline(model, family=getattr(preset, "family", None), torch_dtype=torch_dtype,
+                                      device=device)
     except UserError:
         raise
     except (OSError, ValueError, TypeError, ImportError, RuntimeError, NotImplementedError) as exc:

@@ -19,9 +19,6 @@ from .piecewise_attention import grid_for, piecewise_attn_fwd_kernel
 
 MAX_HEAD_DIM = 256
 
-# Geometry vector passed to the op (ints): see ``geometry_vector``.
-GEOMETRY_FIELDS = ("vis_start", "n_vis", "text_start", "text_len", "grid_h", "grid_w")
-WINDOW_FIELDS = 12  # (n, k, s, r) for the F, H and W axes
 
 
 def interpreting() -> bool:

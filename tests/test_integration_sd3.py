@@ -214,3 +214,24 @@ def test_processor_declares_diffusers_parameters():
     ours = inspect.signature(SD3SparseProcessor.__call__).parameters
     theirs = inspect.signature(JointAttnProcessor2_0.__call__).parameters
     assert [(p.name, p.kind) for p in ours.values()] == [(p.name, p.kind) for p in theirs.values()]
+
+
+@torch.no_grad()
+def test_two_sparse_attentions_of_a_block_keep_their_own_cache(inputs):
+    """SD3.5's attn and attn2 share a layer (the schedule) but not a step-cache entry: with
+    refresh_every=3 the cache refreshes at the first step only."""
+    from diffattn import StepCache
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**CONFIGS["sd35"]).eval()
+    x, enc, pooled, _ = inputs
+    handle = diffattn.apply(model, SlidingWindow((3, 3)), cache=StepCache(refresh_every=3))
+    state = handle.states["transformer"]
+    entries = []
+    for t in (900, 600, 300):
+        model(x, enc, pooled, torch.tensor([t]))
+        entries.append({key: entry.step for key, entry in state.cache.items()})
+    diffattn.remove(model)
+    names = handle.replaced["transformer"]
+    assert len(names) > len(model.transformer_blocks) and set(entries[0]) == {(slot, None) for slot in range(len(names))}
+    assert all(e == {key: 0 for key in entries[0]} for e in entries)  # reused, never refreshed again

@@ -164,8 +164,8 @@ def _install_state(transformer, adapter, pattern, schedule, impl, scheduler, cac
     processors = dict(original)
     names = adapter.sparse_processor_names(transformer)
     layers = adapter.processor_layers(transformer) if hasattr(adapter, "processor_layers") else range(len(names))
-    for layer, name in zip(layers, names):
-        proc = adapter.processor_class(SparseAttentionCore(pattern, schedule, layer, state, impl, cache))
+    for slot, (layer, name) in enumerate(zip(layers, names)):
+        proc = adapter.processor_class(SparseAttentionCore(pattern, schedule, layer, state, impl, cache, slot))
         proc._attention_backend = getattr(original[name], "_attention_backend", None)
         proc._parallel_config = getattr(original[name], "_parallel_config", None)
         processors[name] = proc

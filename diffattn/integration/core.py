@@ -85,10 +85,13 @@ class SparseAttentionCore:
     """
 
     def __init__(self, pattern: Pattern, schedule: Schedule, layer: int, state: GenerationState, impl: str,
-                 cache: StepCache | None = None):
+                 cache: StepCache | None = None, slot: int | None = None):
         self.pattern = pattern
         self.schedule = schedule
-        self.layer = layer
+        self.layer = layer  # for the schedule (dense_layers)
+        # the key of this attention's step-cache entry and selection: SD3.5 blocks hold two
+        # sparse attentions of one layer, which must not share them
+        self.slot = layer if slot is None else slot
         self.state = state
         self.impl = impl
         self.cache = cache
@@ -130,13 +133,13 @@ class SparseAttentionCore:
         if not self._warm_cache_now(layout, attn_mask):
             return self._dispatch(q, k, v, attn_mask, backend, parallel_config)
         # the next step is sparse: have its external part ready
+        # The two partials merged are this step's dense output: no separate dense pass (and under
+        # Ulysses one exchange, not two).
         shard = ulysses_shard(parallel_config, layout, q)
         if shard is None:
-            out = self._dispatch(q, k, v, attn_mask, backend, parallel_config)
-            if layout.seq_len == q.shape[1]:
-                self._refresh(q, k, v, layout, None, None, (0, q.shape[2]))
-            return out
-        # Under Ulysses the two partials merged are this step's dense output: one exchange, not two.
+            if layout.seq_len != q.shape[1]:
+                return self._dispatch(q, k, v, attn_mask, backend, parallel_config)
+            return self._refresh(q, k, v, layout, None, None, (0, q.shape[2]))
         q, k, v = (shard.to_heads(x) for x in (q, k, v))
         return shard.to_sequence(self._refresh(q, k, v, layout, None, None, shard.heads))
 
@@ -193,7 +196,7 @@ class SparseAttentionCore:
         out_in, lse_in, out_ex, lse_ex = attention_partials(q, k, v, self.pattern, layout=layout, impl=self.impl,
                                                             text_lens=text_lens, selection=selection)
         config = self.cache
-        self.state.cache[(self.layer, self.state.branch)] = CacheEntry(
+        self.state.cache[(self.slot, self.state.branch)] = CacheEntry(
             step=self.state.step, key=self._cache_key(q, layout, heads), heads=heads,
             out_ext=None if config.light else stored(out_ex, config), lse_ext=stored(lse_ex, config, torch.float32),
             lse_in=stored(lse_in, config, torch.float32) if config.lse_gate is not None else None,
@@ -204,7 +207,7 @@ class SparseAttentionCore:
 
     def _attend_cached(self, q, k, v, layout, text_lens, heads):
         state, config = self.state, self.cache
-        entry = state.cache.get((self.layer, state.branch))
+        entry = state.cache.get((self.slot, state.branch))
         stale = (entry is None or entry.key != self._cache_key(q, layout, heads)
                  or not 0 <= state.step - entry.step < config.refresh_every)
         if stale:
@@ -216,18 +219,17 @@ class SparseAttentionCore:
         out_in, lse_in = attention(q, k, v, self.pattern, layout=layout, impl=self.impl, return_lse=True,
                                    text_lens=text_lens, selection=selection)
         if config.lse_gate is not None or config.cosine_gate is not None:
-            drifted = drifted_heads(entry, out_in, lse_in, config)
-            if bool(drifted.any()):
-                self._refresh_heads(entry, drifted, q, k, v, layout, selection, out_in, lse_in)
+            idx = drifted_heads(entry, out_in, lse_in, config).nonzero()[:, 0]  # one host sync
+            if idx.numel():
+                self._refresh_heads(entry, idx, q, k, v, layout, selection, out_in, lse_in)
         lse_ex = entry.lse_ext.to(q.device, non_blocking=True)
         if entry.out_ext is None:
             return light_merge(out_in, lse_in, lse_ex)
         out_ex = entry.out_ext.to(q.device, q.dtype, non_blocking=True)
         return merge_partials(out_in, lse_in, out_ex, lse_ex, impl=self.impl)[0]
 
-    def _refresh_heads(self, entry: CacheEntry, drifted: torch.Tensor, q, k, v, layout, selection, out_in, lse_in):
-        """Recompute the external part of the ``drifted`` heads only (``bool [H]``, local to q)."""
-        idx = drifted.nonzero()[:, 0]
+    def _refresh_heads(self, entry: CacheEntry, idx: torch.Tensor, q, k, v, layout, selection, out_in, lse_in):
+        """Recompute the external part of the drifted heads ``idx`` (``int [n]``, local to q) only."""
         sel = selection[:, idx] if selection is not None else None
         out_ex, lse_ex = external_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx], self.pattern, layout=layout,
                                             impl=self.impl, selection=sel)
@@ -246,7 +248,7 @@ class SparseAttentionCore:
         """The layer's block selection for global heads ``heads``, recomputed every
         ``selection_every`` steps per CFG branch and whenever the shapes change."""
         state = self.state
-        key = (self.layer, state.branch)
+        key = (self.slot, state.branch)
         shape = (tuple(q.shape), layout, heads)
         cached = state.selections.get(key)
         if cached is not None and cached[1] == shape and 0 <= state.step - cached[0] < self.schedule.selection_every:

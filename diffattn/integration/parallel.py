@@ -102,7 +102,8 @@ def _gathered_positions(segments: tuple[int, ...], world: int, uneven: bool) -> 
     return to_global, torch.argsort(to_global)
 
 
-def gathered_order(layout: TokenLayout, world: int, uneven: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+def gathered_order(layout: TokenLayout, world: int, uneven: bool = False,
+                   device="cpu") -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(layout_of_gathered, gathered_of_layout)``, two ``long [S]`` permutations, or None when
     the gathered sequence already is in layout order.
 
@@ -113,7 +114,14 @@ def gathered_order(layout: TokenLayout, world: int, uneven: bool = False) -> tup
     >>> gathered_order(TokenLayout((2, 2), text_len=2), world=2)[0].tolist()  # [t0; i0 i1; t1; i2 i3]
     [0, 2, 3, 1, 4, 5]
     """
-    return _gathered_positions(tuple(layout_segments(layout)), world, uneven)
+    return _gathered_on(tuple(layout_segments(layout)), world, uneven, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _gathered_on(segments: tuple[int, ...], world: int, uneven: bool, device: str):
+    # once per device: the permutations index q/k/v of every sparse attention call
+    order = _gathered_positions(segments, world, uneven)
+    return None if order is None else tuple(t.to(device) for t in order)
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,7 @@ class UlyssesShard:
         else:
             x = _all_to_all_dim_exchange(x.contiguous(), scatter_idx=2, gather_idx=1, group=self.group)
         if self.order is not None:
-            x = x.index_select(1, self.order[1].to(x.device))
+            x = x.index_select(1, self.order[1])
         return x
 
     def to_sequence(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +165,7 @@ class UlyssesShard:
         from diffusers.models.attention_dispatch import _all_to_all_dim_exchange, all_to_all_single_any_o_async
 
         if self.order is not None:
-            x = x.index_select(1, self.order[0].to(x.device))
+            x = x.index_select(1, self.order[0])
         x = x.contiguous()
         if self.uneven:
             return all_to_all_single_any_o_async(x, self.group, NUM_QO_HEAD=self.num_heads, Q_S_LOCAL=self.local_len)()
@@ -201,7 +209,7 @@ def ulysses_shard(parallel_config, layout: TokenLayout, q: torch.Tensor) -> Ulys
             "diffattn.integration.parallel.enable_ulysses, which takes care of the order)"
         )
     return UlyssesShard(group, world, rank, uneven, heads, head_start, head_count, q.shape[1],
-                        gathered_order(layout, world, uneven))
+                        gathered_order(layout, world, uneven, q.device))
 
 
 def check_hook_order(transformer: torch.nn.Module, hook_name: str) -> None:

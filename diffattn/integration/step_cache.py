@@ -99,8 +99,8 @@ def stored(t: torch.Tensor, config: StepCache, dtype: torch.dtype | None = None)
     """``t`` as the cache keeps it (dtype, device). The partials are fresh tensors that nothing
     else writes to, so no copy is made unless the dtype or device changes."""
     t = t.detach().to(dtype or config.store_dtype or t.dtype)
-    if config.offload and t.device.type != "cpu":
-        return t.to("cpu").pin_memory() if torch.cuda.is_available() else t.cpu()
+    if config.offload and t.device.type != "cpu":  # one copy, straight into pinned memory
+        return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True).copy_(t, non_blocking=True)
     return t
 
 
