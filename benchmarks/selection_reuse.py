@@ -9,20 +9,15 @@ the number of selections.
 
 import time
 
-import numpy as np
 import torch
 
 import diffattn
 from diffattn import BlockTopK, Piecewise
+from diffattn.metrics import psnr
 from diffattn.pipelines import build_embedded_wan_pipeline
 
 SETTINGS = dict(height=256, width=256, num_frames=33, num_inference_steps=12, guidance_scale=5.0,
                 max_sequence_length=32, output_type="np")
-
-
-def psnr(a, b):
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 STATS = {"n": 0, "t": 0.0}

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import diffattn
+from diffattn.metrics import psnr
 from diffattn import Radial, SlidingWindow, StepCache
 from diffattn.pipelines import build_embedded_wan_pipeline
 
@@ -47,11 +48,6 @@ def run(pipe):
     for h in hooks:
         h.remove()
     return out, statistics.median(times)
-
-
-def psnr(a, b):
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def main():
