@@ -30,7 +30,7 @@ import torch
 
 import diffattn
 from diffattn import BlockTopK, Piecewise, TokenLayout
-from diffattn.bench.kernels import environment
+from diffattn.bench.kernels import environment, sdpa_best
 
 SHAPES = {
     # Wan 2.1 480p, 81 frames: latent grid 21 x 30 x 52 = 32,760 tokens, 12 heads (1.3B)
@@ -96,6 +96,9 @@ def bench_shape(name: str, layout: TokenLayout, heads: int, density: float, devi
     row["sparse_only_ms"] = ms(lambda: diffattn.attention(q, k, v, topk, layout=layout, impl=impl, selection=keep))
     row["blocktopk_ms"] = ms(lambda: diffattn.attention(q, k, v, topk, layout=layout, impl=impl))
     row["selection_share"] = row["select_ms"] / row["blocktopk_ms"]
+    if device.type == "cuda":  # dense yardstick: SDPA's fastest backend on the same q, k, v
+        row["sdpa_ms"], row["sdpa_backend"] = sdpa_best(q, k, v)
+        row["blocktopk_speedup_vs_sdpa"] = row["sdpa_ms"] / row["blocktopk_ms"]
     log(f"{name}: S={layout.seq_len} H={heads}  selection {row['select_ms']:.3f} ms (torch {row['select_reference_ms']:.3f} ms)"
         f"  BlockTopK {row['blocktopk_ms']:.3f} ms (sparse part {row['sparse_only_ms']:.3f} ms)"
         f"  share {row['selection_share']:.1%}  kept {row['kept_fraction']:.1%}  mismatch {row['selection_mismatch']:.2e}")
@@ -105,6 +108,8 @@ def bench_shape(name: str, layout: TokenLayout, heads: int, density: float, devi
         t = ms(lambda: diffattn.attention(q, k, v, pattern, layout=layout, impl=impl))
         row[f"piecewise_{label}_ms"] = t
         row[f"piecewise_{label}_vs_blocktopk"] = t / row["blocktopk_ms"]
+        if "sdpa_ms" in row:
+            row[f"piecewise_{label}_speedup_vs_sdpa"] = row["sdpa_ms"] / t
         log(f"  Piecewise {label:<7} {t:.3f} ms  x{t / row['blocktopk_ms']:.3f} of BlockTopK")
     return row
 
