@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     latents_shape = (1, config["in_channels"], lat_frames, args.size[1] // 8, args.size[0] // 8)
     from diffattn import SlidingWindow, TokenLayout
 
-    density = float(SlidingWindow((None, *window)).density(TokenLayout(target)))
+    density = float(SlidingWindow((None, *window)).attended_fraction(TokenLayout(target)))
     record = {"benchmark": "FreeSwim high-resolution denoising pass", "environment": environment(),
               "model": "WanTransformer3DModel, Wan 2.1 1.3B shapes, random weights" if not args.tiny else "tiny",
               "dtype": str(dtype).replace("torch.", ""), "native": list(args.native), "size": list(args.size),

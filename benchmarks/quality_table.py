@@ -26,7 +26,7 @@ def window_near(layout, target):
     for step in range(1, 101):
         frac = step / 100
         p = SlidingWindow(tuple(max(1, min(n, round(n * frac))) for n in layout.grid))
-        d = p.density(layout)
+        d = p.attended_fraction(layout)
         if best is None or abs(d - target) < abs(best[1] - target):
             best = (p, d)
     return best
@@ -37,7 +37,7 @@ def radial_near(layout, target):
     for decay in [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0]:
         for sink in (True, False):
             p = Radial(decay, sink=sink, block=64)
-            d = p.density(layout)
+            d = p.attended_fraction(layout)
             if best is None or abs(d - target) < abs(best[1] - target):
                 best = (p, d)
     return best

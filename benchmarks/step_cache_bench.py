@@ -96,7 +96,7 @@ def run_pattern(q, k, v, layout: TokenLayout, pattern, q_t, k_t, v_t, timer) -> 
     blocks = build_block_layout(pattern, layout.grid, *kernel_blocks(pattern, q.shape[-1]), str(q.device))
     return {
         "pattern": repr(pattern),
-        "attended_fraction": float(pattern.density(layout)),
+        "attended_fraction": float(pattern.attended_fraction(layout)),
         "computed_fraction": blocks.block_density,
         "ms": times,
         "reuse_over_sparse": times["reuse"] / times["sparse"],

@@ -27,7 +27,7 @@ def computed(pattern, grid) -> float:
 
 def row(name, pattern, q, k, v, layout, dense):
     err = relative_l1(diffattn.attention(q, k, v, pattern, layout=layout, impl="reference"), dense)
-    return f"| {name} | `{pattern}` | {pattern.density(layout):.3f} | {computed(pattern, layout.grid):.3f} | {err:.4f} |"
+    return f"| {name} | `{pattern}` | {pattern.attended_fraction(layout):.3f} | {computed(pattern, layout.grid):.3f} | {err:.4f} |"
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
             target = computed(sta, GRID)
             best = min((SlidingWindow((f, h, w)) for f in range(1, GRID[0] + 1) for h in range(1, GRID[1] + 1, 2)
                         for w in range(1, GRID[2] + 1, 2)),
-                       key=lambda p: (abs(computed(p, GRID) - target), -p.density(layout)))
+                       key=lambda p: (abs(computed(p, GRID) - target), -p.attended_fraction(layout)))
             print(row("raster, same compute", best, q, k, v, layout, dense))
         print()
 

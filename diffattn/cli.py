@@ -258,7 +258,7 @@ def cmd_show(args) -> int:
         blocks = build_block_layout(pattern, args.grid, *block)
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
-    print(f"{pattern}\n{layout}: attends {pattern.density(layout):.2%} of token pairs")
+    print(f"{pattern}\n{layout}: attends {pattern.attended_fraction(layout):.2%} of token pairs")
     if tiled:
         print(f"tokens in tile-major order (tile {'x'.join(map(str, pattern.tile_shape(tuple(args.grid))))}), "
               f"kernel blocks {block[0]}x{block[1]}")

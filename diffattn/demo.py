@@ -63,7 +63,7 @@ def run_demo(out_dir, pattern_spec: str = DEMO_PATTERN, prompt: str = DEMO_PROMP
         "pattern_repr": repr(pattern),
         "dense_steps": dense_steps,
         "token_grid": list(layout.grid) if layout else None,
-        "attended_fraction": pattern.density(layout) if layout else None,
+        "attended_fraction": pattern.attended_fraction(layout) if layout else None,
         "settings": settings,
         "device": device,
         "timings_s": {"build": round(build_s, 3), "generate": round(generate_s, 3),

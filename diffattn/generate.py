@@ -512,12 +512,20 @@ def check_fits(method: Method, grid: tuple | None) -> None:
                         f"of this generation: {exc}") from None
 
 
+def attended_fraction(method: Method, layout) -> float | None:
+    """Fraction of token pairs the method's pattern attends at one sparse call; None without a
+    layout or for a dynamic pattern (its blocks depend on the data)."""
+    if layout is None:
+        return None
+    return 1.0 if method.pattern.is_dense else method.pattern.attended_fraction(layout)
+
+
 def effective_density(method: Method, layout, num_steps: int, layers: list[int]) -> float | None:
     """Fraction of token pairs attended over all (step, layer) self-attention calls, with the
     schedule's dense steps and layers counted as 1."""
-    if layout is None or not layers or not num_steps:
+    density = attended_fraction(method, layout)
+    if density is None or not layers or not num_steps:
         return None
-    density = 1.0 if method.pattern.is_dense else float(method.pattern.density(layout))
     s = method.schedule
     total = 0.0
     for step in range(num_steps):
@@ -879,9 +887,8 @@ def layout_record(method: Method, layout, num_steps: int | None, layers: list[in
     if layout is None:
         return {"token_grid": None, "text_tokens": None, "seq_len": None, "attended_fraction": None,
                 "effective_attended_fraction": None}
-    density = 1.0 if method.pattern.is_dense else float(method.pattern.density(layout))
     return {"token_grid": list(layout.grid), "text_tokens": layout.text_len, "seq_len": layout.seq_len,
-            "attended_fraction": density,
+            "attended_fraction": attended_fraction(method, layout),
             "effective_attended_fraction": effective_density(method, layout, num_steps or 0, layers)}
 
 

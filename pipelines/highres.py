@@ -540,7 +540,7 @@ def generate_highres(pipe, prompt: str, *, negative_prompt: str | None = None, h
     timings["highres_pass"] = pass_timings
     timings["total"] = time.perf_counter() - t0
 
-    density = 1.0 if config.attention == "dense" else float(pattern.density(_layout(target)))
+    density = 1.0 if config.attention == "dense" else float(pattern.attended_fraction(_layout(target)))
     record = {
         "method": "FreeSwim (inward window + full-branch cross-attention override)" if config.attention == "freeswim"
         else ("inward window only" if config.attention == "window" else "dense attention"),

@@ -24,7 +24,7 @@ dense = diffattn.attention(q, k, v, diffattn.Dense(), layout=layout)
 for name, pattern in patterns.items():
     out = diffattn.attention(q, k, v, pattern, layout=layout)
     rel_l1 = ((out.float() - dense.float()).abs().sum() / dense.float().abs().sum()).item()
-    print(f"{name:26} attends {pattern.density(layout):6.1%} of pairs   rel. L1 vs dense {rel_l1:.3f}")
+    print(f"{name:26} attends {pattern.attended_fraction(layout):6.1%} of pairs   rel. L1 vs dense {rel_l1:.3f}")
 
 # The block layout the kernel visits, as text and as a picture.
 blocks = diffattn.build_block_layout(diffattn.SlidingWindow((3, 7, 7)), layout.grid, 64, 64)

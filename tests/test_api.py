@@ -355,3 +355,23 @@ def test_cli_runs_as_module():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "++..\n+++.\n.+++\n..++" in proc.stdout
+
+
+def test_no_pattern_field_shadows_a_pattern_method():
+    """A dataclass field named like a Pattern method replaces the method on instances
+    (``BlockTopK(density=0.25).density(layout)`` once raised 'float' object is not callable)."""
+    import dataclasses
+
+    import diffattn.patterns as patterns
+
+    base = {name for name in dir(patterns.Pattern) if not name.startswith("_")}
+    classes = [c for c in vars(patterns).values()
+               if isinstance(c, type) and issubclass(c, patterns.Pattern) and dataclasses.is_dataclass(c)]
+    assert {"BlockTopK", "Piecewise", "Radial", "SlidingWindow", "Dense"} <= {c.__name__ for c in classes}
+    for cls in classes:
+        clash = {f.name for f in dataclasses.fields(cls)} & base
+        assert not clash, f"{cls.__name__} fields {clash} shadow Pattern methods"
+    layout = diffattn.TokenLayout((2, 4, 8))
+    assert diffattn.BlockTopK(density=0.25).attended_fraction(layout) is None
+    assert diffattn.Piecewise(0.25).attended_fraction(layout) is None
+    assert diffattn.Dense().attended_fraction(layout) == 1.0

@@ -113,7 +113,7 @@ def test_density_matches_brute_force(case, text_len, text_first):
     text = torch.zeros(s, dtype=torch.bool)
     text[layout.text_start : layout.text_start + text_len] = True
     assert mask[text].all() and mask[:, text].all()
-    assert pattern.density(layout) == pytest.approx(int(mask.sum()) / s**2, rel=1e-12, abs=0)
+    assert pattern.attended_fraction(layout) == pytest.approx(int(mask.sum()) / s**2, rel=1e-12, abs=0)
 
 
 def test_short_last_key_block_is_partial_even_when_dense():

@@ -47,7 +47,7 @@ def test_load_folder_with_the_radial_preset(folder):
     assert handle.replaced == {"transformer": names}
     assert sparse_names(pipe) == names  # the cross-attentions (attn2) keep diffusers' processor
     # On the tiny 3x4x4 grid (48 tokens, one 128-token block) Radial is fully dense.
-    assert Radial(0.2).density(TokenLayout((3, 4, 4))) == 1.0
+    assert Radial(0.2).attended_fraction(TokenLayout((3, 4, 4))) == 1.0
     diffattn.remove(pipe)
     assert sparse_names(pipe) == []
 

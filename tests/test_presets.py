@@ -63,7 +63,7 @@ def test_preset_loads_and_its_pattern_fits_its_grid(name, record_property):
     blocks = build_block_layout(pattern, grid, block_q, block_k)
     # Radial keeps whole 128-token blocks, so what it attends is what the layout computes
     # (test_radial checks that); building its mask twice at 115k tokens would take seconds.
-    attended = blocks.block_density if isinstance(pattern, Radial) else pattern.density(TokenLayout(grid))
+    attended = blocks.block_density if isinstance(pattern, Radial) else pattern.attended_fraction(TokenLayout(grid))
     n, t = blocks.num_tokens, TEXT_LEN[preset.family]
     with_text = (attended * n * n + 2 * n * t + t * t) / (n + t) ** 2  # text is dense both ways
     computed = blocks.block_density
@@ -83,7 +83,7 @@ def test_radial_presets_match_the_paper():
     wan = load_preset("wan-radial")
     assert wan.build_pattern() == Radial(0.2, sink=True)
     assert (wan.schedule.dense_steps, wan.schedule.dense_layers, wan.generation["num_inference_steps"]) == (12, 1, 50)
-    assert wan.build_pattern().density(TokenLayout(wan.token_grid())) == pytest.approx(0.339, abs=0.003)
+    assert wan.build_pattern().attended_fraction(TokenLayout(wan.token_grid())) == pytest.approx(0.339, abs=0.003)
     hunyuan = load_preset("hunyuan_video-radial")
     assert hunyuan.build_pattern() == Radial(0.95, sink=False)
     assert (hunyuan.schedule.dense_steps, hunyuan.schedule.dense_layers, hunyuan.generation["num_inference_steps"]) == (12, 0, 50)

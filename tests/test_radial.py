@@ -154,7 +154,7 @@ def test_sink_attends_first_frame():
     [((18, 48, 80), 0.287), ((21, 30, 52), 0.339)],  # Wan 768x1280x69f and 480x832x81f
 )
 def test_density_at_paper_shapes(grid, want):
-    density = Radial(0.2).density(TokenLayout(grid))
+    density = Radial(0.2).attended_fraction(TokenLayout(grid))
     assert abs(density - want) < 0.005, density
 
 

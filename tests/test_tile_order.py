@@ -66,7 +66,7 @@ def test_tiled_layout_is_all_full_with_the_raster_pairs(grid, tile, window_tiles
     idx = torch.arange(n)
     mask = tiled.visual_mask_mod(grid)(idx[:, None], idx[None, :])
     assert torch.equal(mask, raster.visual_mask_mod(grid)(idx[:, None], idx[None, :]))  # same semantics
-    assert tiled.density(layout) == raster.density(layout)
+    assert tiled.attended_fraction(layout) == raster.attended_fraction(layout)
     to_tiles, _ = tile_permutation(grid, tile)
     mask_tiles = mask[to_tiles][:, to_tiles]
     for block_q, block_k in [(16, 16), tiled.tile_blocks(grid, 128, 64)]:
@@ -246,7 +246,7 @@ def test_benchmark_runs_the_window_in_both_orders_with_the_same_mask():
     q, k, v = _qkv(layout, torch.float32)
     (_, raster, _), (_, tiled, _) = sta_patterns(shape)
     assert raster == SlidingWindow(tiled.window, stride=tiled.stride)
-    attended = round(tiled.density(layout) * layout.seq_len**2)
+    attended = round(tiled.attended_fraction(layout) * layout.seq_len**2)
     assert computed_pairs(tiled, layout, shape.head_dim) == attended < computed_pairs(raster, layout, shape.head_dim)
     ref = diffattn.attention(q, k, v, raster, layout=layout, impl="reference")
     for pattern in (raster, tiled):

@@ -183,7 +183,7 @@ def test_mask_mod_with_text(case):
 def test_window_none_everywhere_is_dense():
     grid = (3, 4, 5)
     assert library_mask(SlidingWindow(None), grid).all()
-    assert SlidingWindow(None).density(TokenLayout(grid)) == 1.0
+    assert SlidingWindow(None).attended_fraction(TokenLayout(grid)) == 1.0
 
 
 def test_int_window_applies_to_every_axis():
@@ -198,7 +198,7 @@ def test_int_window_applies_to_every_axis():
 def test_density_matches_docstring_and_oracle():
     layout = TokenLayout((8, 16, 16))
     p = SlidingWindow((3, 5, 5))
-    assert p.density(layout) == pytest.approx(3 * 25 / (8 * 16 * 16))
+    assert p.attended_fraction(layout) == pytest.approx(3 * 25 / (8 * 16 * 16))
 
 
 @pytest.mark.parametrize("case", GRID_CASES, ids=_ids)
@@ -250,7 +250,7 @@ def test_validate_rejects(kwargs, grid, match):
     with pytest.raises(ValueError, match=match):
         pattern.visual_mask_mod(grid)
     with pytest.raises(ValueError, match=match):
-        pattern.density(TokenLayout(grid))
+        pattern.attended_fraction(TokenLayout(grid))
     with pytest.raises(ValueError, match=match):
         diffattn.build_block_layout(pattern, grid, 16, 16)
 

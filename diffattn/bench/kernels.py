@@ -295,7 +295,7 @@ def run_kernel_benchmark(
             pairs = computed_pairs(pattern, layout, shape.head_dim)
             flops = 4.0 * shape.batch * shape.heads * shape.head_dim * pairs
             bdens = pairs / layout.seq_len**2
-            edens = pattern.density(layout)
+            edens = pattern.attended_fraction(layout)
             fn = lambda: attention(q, k, v, pattern, layout=layout, impl="triton")  # noqa: E731
             fn()
             ms = _median_ms(fn)

@@ -83,8 +83,12 @@ class Pattern:
         self.validate(layout.grid)
         return sequence_mask_mod(self.visual_mask_mod(layout.grid, device), layout)
 
-    def density(self, layout: TokenLayout) -> float:
-        """Fraction of the S x S (query, key) pairs this pattern attends, text included."""
+    def attended_fraction(self, layout: TokenLayout) -> float | None:
+        """Fraction of the S x S (query, key) pairs this pattern attends, text included; None for a
+        dynamic pattern (BlockTopK, Piecewise), whose kept blocks depend on q and k (see
+        :func:`diffattn.select_blocks`)."""
+        if not self.static:
+            return None
         self.validate(layout.grid)
         n, t = layout.num_visual, layout.text_len
         pairs = self.visual_pairs(layout.grid) + 2 * n * t + t * t

@@ -14,7 +14,7 @@ class Dense(Pattern):
     """Full softmax attention.
 
     >>> import diffattn
-    >>> diffattn.Dense().density(diffattn.TokenLayout((4, 8, 8)))
+    >>> diffattn.Dense().attended_fraction(diffattn.TokenLayout((4, 8, 8)))
     1.0
     """
 

@@ -39,7 +39,7 @@ class Radial(Pattern):
 
     >>> import diffattn
     >>> p = diffattn.Radial(decay=0.2)
-    >>> round(p.density(diffattn.TokenLayout((18, 48, 80))), 3)
+    >>> round(p.attended_fraction(diffattn.TokenLayout((18, 48, 80))), 3)
     0.287
     """
 

@@ -100,13 +100,13 @@ class SlidingWindow(Pattern):
 
     >>> import diffattn
     >>> p = diffattn.SlidingWindow((3, 5, 5))
-    >>> round(p.density(diffattn.TokenLayout((8, 16, 16))), 4)
+    >>> round(p.attended_fraction(diffattn.TokenLayout((8, 16, 16))), 4)
     0.0366
     >>> sta = diffattn.SlidingWindow.tiled(tile=(6, 8, 8), window_tiles=(3, 3, 3))
     >>> sta
     SlidingWindow(window=(18, 24, 24), stride=(6, 8, 8), dilation=1, tile=(6, 8, 8))
-    >>> sta.density(diffattn.TokenLayout((30, 48, 80))) == diffattn.SlidingWindow(
-    ...     (18, 24, 24), stride=(6, 8, 8)).density(diffattn.TokenLayout((30, 48, 80)))
+    >>> sta.attended_fraction(diffattn.TokenLayout((30, 48, 80))) == diffattn.SlidingWindow(
+    ...     (18, 24, 24), stride=(6, 8, 8)).attended_fraction(diffattn.TokenLayout((30, 48, 80)))
     True
     """
 
