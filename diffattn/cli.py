@@ -68,9 +68,9 @@ def cmd_demo(args) -> int:
         raise CliError(f"--dense-steps must be >= 0, got {args.dense_steps}")
     try:
         run_demo(args.out, pattern_spec=args.pattern, prompt=args.prompt, seed=args.seed,
-                 dense_steps=args.dense_steps, steps=args.steps, impl=args.impl)
+                 dense_steps=args.dense_steps, steps=args.steps, impl=args.impl, progress=not args.no_progress)
     except (ValueError, TypeError) as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(_one_line(exc)) from None
     return 0
 
 
@@ -242,6 +242,8 @@ def _add_generation_args(p) -> None:
 def cmd_show(args) -> int:
     from .block_layout import build_block_layout
 
+    if args.out:
+        _check_picture_path(args.out)
     args.block_given = args.block is not None
     if args.block is None:
         args.block = (128, 64)
@@ -266,9 +268,31 @@ def cmd_show(args) -> int:
     if max(blocks.num_q_blocks, blocks.num_k_blocks) <= 64:
         print(blocks.render())
     if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         blocks.draw(args.out, title=f"{args.pattern} on {'x'.join(map(str, args.grid))}: computed {blocks.block_density:.1%}")
         print(f"wrote {args.out}")
     return 0
+
+
+#: File types ``diffattn show --out`` writes (matplotlib's raster and vector formats).
+PICTURE_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _check_picture_path(path: str) -> None:
+    from pathlib import Path
+
+    from .generate import UserError, check_writable
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in PICTURE_SUFFIXES:
+        raise CliError(f"--out {path!r}: unsupported extension {suffix or '(none)'!r}; allowed: "
+                       f"{', '.join(PICTURE_SUFFIXES)}")
+    try:
+        check_writable(Path(path).parent)
+    except UserError as exc:
+        raise CliError(_one_line(exc)) from None
 
 
 def cmd_env(args) -> int:
@@ -334,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="denoising steps (default 8)")
     demo.add_argument("--dense-steps", type=int, default=2, help="first N steps dense, default 2")
     demo.add_argument("--impl", choices=["auto", "triton", "reference"], default="auto", help="attention implementation")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser(
@@ -386,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--text-len", type=int, default=0, help="text tokens in the sequence (dense), default 0")
     show.add_argument("--block", type=_block, help="kernel block sizes QxK, default 128x64 (a tiled window: the "
                                                    "largest that keep its tiles whole)")
-    show.add_argument("--out", help="PNG file to write")
+    show.add_argument("--out", help=f"picture to write: {', '.join(PICTURE_SUFFIXES)}")
+    show.add_argument("--no-progress", action="store_true", help="accepted for symmetry with generate; show has no progress bar")
     show.set_defaults(func=cmd_show)
 
     env = sub.add_parser("env", help="versions, GPU and which implementation runs", description="Print versions, the GPU and which attention implementation 'auto' picks and why.")

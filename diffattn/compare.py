@@ -55,8 +55,11 @@ from .generate import (
     UserError,
     _jsonable,
     _layers,
+    guarded_record,
     _round_timings,
+    all_dense_record,
     check_fits,
+    check_writable,
     generation_settings,
     install,
     is_embedded,
@@ -378,6 +381,7 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
         raise UserError(f"--out {str(folder)!r} exists and is not a folder")
     if folder.suffix.lower() in (".json", ".md", ".html", ".png"):
         raise UserError(f"--out is the report folder, got a file name {str(folder)!r}")
+    check_writable(folder)
     explicit_model = model is not None
     if model is None:
         model = getattr(preset, "model", None) if preset is not None else None
@@ -409,6 +413,9 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
     except (ValueError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
     pipe = target.pipe
+    layers = _layers(pipe)
+    for m in methods:  # warned before the runs; recorded per method below
+        all_dense_record(m, num_steps, layers, log)
     labels = [m.label for m in methods]
     slugs = _unique_slugs(labels)
     dense_method = Method(DENSE_LABEL, "dense", Dense(), Schedule())
@@ -452,7 +459,6 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
     dense_time = statistics.median(r.timings["generate"] for r in dense_runs)
     dense_attn = _median_or_none(r.timings.get("self_attention") for r in dense_runs)
     dense_denoise = _median_or_none(r.timings.get("denoising") for r in dense_runs)
-    layers = _layers(pipe)
     folder.mkdir(parents=True, exist_ok=True)
     indices = _sheet_indices(dense_frames.shape[0])
     dense_files = _write_pictures(dense_frames, folder, "dense", indices, fps)
@@ -477,8 +483,11 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
         files["diff_png"], files["diff_gain"] = _write_diff(frames, dense_frames, folder, name, indices)
         row = {
             **m.record(),
-            **{k: v for k, v in layout_record(m, runs[0].layout or layout, num_steps, layers).items()
-               if k in ("attended_fraction", "effective_attended_fraction")},
+            **guarded_record([
+                ("schedule", lambda: all_dense_record(m, num_steps, layers)),
+                ("layout", lambda: {k: v for k, v in layout_record(m, runs[0].layout or layout, num_steps, layers).items()
+                                    if k in ("attended_fraction", "effective_attended_fraction")}),
+            ], log),
             "time_s": t,
             "times_s": [r.timings["generate"] for r in runs],
             "speedup": dense_time / t if t > 0 else None,

@@ -22,11 +22,14 @@ def _versions() -> dict:
 
 
 def run_demo(out_dir, pattern_spec: str = DEMO_PATTERN, prompt: str = DEMO_PROMPT, seed: int = 0,
-             dense_steps: int = 2, steps: int | None = None, impl: str = "auto", log=print) -> dict:
-    """Generate one video with the embedded pipeline and a sparse pattern; returns the JSON record."""
+             dense_steps: int = 2, steps: int | None = None, impl: str = "auto", progress: bool = True,
+             log=print) -> dict:
+    """Generate one video with the embedded pipeline and a sparse pattern; returns the JSON record.
+    ``progress``: show the denoising progress bar."""
     import torch
 
-    from .generate import run_once
+    from .generate import Method, quiet_transformers, all_dense_record, check_writable, guarded_record, run_once
+    from .integration import Schedule
     from .integration import apply
     from .patterns import parse_pattern
     from .pipelines import EMBEDDED_DEFAULTS, build_embedded_wan_pipeline
@@ -37,16 +40,21 @@ def run_demo(out_dir, pattern_spec: str = DEMO_PATTERN, prompt: str = DEMO_PROMP
     if dense_steps < 0:
         raise ValueError(f"dense_steps must be >= 0, got {dense_steps}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r} exists and is not a folder")
+    check_writable(out_dir)
+    method = Method(pattern_spec, pattern_spec, pattern, Schedule(dense_steps=dense_steps))
+    all_dense_record(method, settings.get("num_inference_steps"), [], log)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     log("building the embedded demo pipeline (tiny Wan, random weights, real MiniLM text encoder)...")
     t0 = time.perf_counter()
-    pipe = build_embedded_wan_pipeline(seed=seed, device=device)
+    with quiet_transformers():
+        pipe = build_embedded_wan_pipeline(seed=seed, device=device)
     build_s = time.perf_counter() - t0
     handle = apply(pipe, pattern, dense_steps=dense_steps, impl=impl)
     log(f"{handle}")
-    result = run_once(pipe, prompt, seed, settings, device=device)
+    result = run_once(pipe, prompt, seed, settings, device=device, progress=progress)
     frames, layout = result.frames, result.layout
     generate_s = result.timings["generate"]
 
@@ -62,8 +70,11 @@ def run_demo(out_dir, pattern_spec: str = DEMO_PATTERN, prompt: str = DEMO_PROMP
         "pattern": pattern_spec,
         "pattern_repr": repr(pattern),
         "dense_steps": dense_steps,
-        "token_grid": list(layout.grid) if layout else None,
-        "attended_fraction": pattern.attended_fraction(layout) if layout else None,
+        **guarded_record([
+            ("layout", lambda: {"token_grid": list(layout.grid) if layout else None,
+                                "attended_fraction": pattern.attended_fraction(layout) if layout else None}),
+            ("schedule", lambda: all_dense_record(method, settings.get("num_inference_steps"), [])),
+        ], log),
         "settings": settings,
         "device": device,
         "timings_s": {"build": round(build_s, 3), "generate": round(generate_s, 3),

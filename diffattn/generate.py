@@ -26,6 +26,7 @@ import json
 import math
 import platform
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -61,6 +62,9 @@ EMBEDDED_NOTE = "embedded demonstration pipeline: random DiT and VAE weights, so
 EMBEDDED_WEIGHTS_SEED = 0
 DEFAULT_PROMPT = "a red fox running through fresh snow at sunrise"
 OUTPUT_SUFFIXES = (".mp4", ".gif", ".png")
+TIMINGS_NOTE = ("generate = the pipeline call (text encoding, denoising, decoding); steps[0] runs from the first "
+                "transformer call to the end of step 0; self_attention = time inside the self-attention modules "
+                "(projections, norms, RoPE, attention, output projection)")
 #: Generation settings a preset or the command line may set (``pipe(...)`` keyword names).
 SETTING_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_2")
 
@@ -119,6 +123,20 @@ class Method:
     def plain_dense(self) -> bool:
         """Dense pattern: the run uses diffusers' own attention processors."""
         return bool(self.pattern.is_dense)
+
+    def all_dense_reason(self, num_steps: int | None, num_layers: int | None = None) -> str | None:
+        """Why this sparse method's schedule makes every attention call dense for ``num_steps``
+        steps over ``num_layers`` blocks, or None when some call is sparse (or it is unknown)."""
+        if self.plain_dense:
+            return None
+        s = self.schedule
+        if num_steps and s.dense_steps + s.dense_last_steps >= num_steps:
+            covered = f"dense_steps={s.dense_steps}" + (f" + dense_last_steps={s.dense_last_steps}"
+                                                        if s.dense_last_steps else "")
+            return f"{covered} >= the {num_steps} denoising steps of this run"
+        if num_layers and s.dense_layers >= num_layers:
+            return f"dense_layers={s.dense_layers} covers all {num_layers} transformer blocks"
+        return None
 
     def record(self) -> dict:
         s = self.schedule
@@ -191,7 +209,9 @@ def resolve_method(text: str | None = None, *, preset=None, preset_name: str | N
     try:
         pattern = parse_pattern(text)
     except ValueError as exc:
-        if not allow_presets or not _looks_like_preset(text):
+        if not _looks_like_preset(text):  # a known pattern name with bad options
+            raise UserError(f"method {text!r}: {exc}") from None
+        if not allow_presets:
             raise UserError(f"unknown method {text!r}: {exc}") from None
         try:
             presets = _presets_module()
@@ -336,7 +356,7 @@ def load_target(model: str | None = None, preset=None, *, device: str | None = N
         from .pipelines import EMBEDDED_DEFAULTS, build_embedded_wan_pipeline
 
         log(f"model: {EMBEDDED_DESCRIPTION} -- random-weight demo, the frames are noise")
-        with _quiet_transformers():
+        with quiet_transformers():
             pipe = build_embedded_wan_pipeline(seed=EMBEDDED_WEIGHTS_SEED, device=device, dtype=torch_dtype)
         defaults = dataclasses.asdict(EMBEDDED_DEFAULTS)
         return Target(pipe, EMBEDDED_MODEL, True, EMBEDDED_DESCRIPTION, device, dtype_name,
@@ -359,7 +379,7 @@ def load_target(model: str | None = None, preset=None, *, device: str | None = N
                   time.perf_counter() - t0, {})
 
 
-class _quiet_transformers:
+class quiet_transformers:
     """No "Loading weights" progress bar from transformers while the embedded pipeline builds
     (it loads MiniLM from a local folder in milliseconds)."""
 
@@ -698,7 +718,7 @@ def run_once(pipe, prompt: str, seed: int, settings: dict, *, device: str = "cpu
     """
     import torch
 
-    pipe.set_progress_bar_config(disable=not progress, leave=False)
+    pipe.set_progress_bar_config(disable=not progress)  # kept: a log shows the last step too
     generator = torch.Generator(device=device).manual_seed(seed)
     instrument = _Instrument(pipe, check)
     params = _call_parameters(pipe)
@@ -785,6 +805,22 @@ class OutputPlan:
         return self.files[0].with_suffix(".json")
 
 
+def check_writable(folder: Path, what: str = "--out") -> None:
+    """Write and delete a probe file in ``folder``, or in its nearest existing parent when it does not
+    exist yet (nothing is left behind), so an output that cannot be written fails now, with a clear
+    :class:`UserError`, not after the generation."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what}: cannot write in folder {str(folder)!r}: {str(existing)!r} is not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".diffattn-write-check-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what}: cannot write in folder {str(folder)!r} ({exc.strerror or _one_line(exc)})") from None
+
+
 def plan_outputs(out: list[str] | None, prompts: list[str], default_folder: str = "outputs/generate") -> list[OutputPlan]:
     """One :class:`OutputPlan` per prompt.
 
@@ -817,6 +853,8 @@ def plan_outputs(out: list[str] | None, prompts: list[str], default_folder: str 
             else:
                 paths = tuple(files)
             plans.append(OutputPlan(paths, None, paths[0].stem))
+    for folder in {plan.folder or path.parent for plan in plans for path in (plan.files or (None,))}:
+        check_writable(folder)
     return plans
 
 
@@ -852,6 +890,32 @@ def write_outputs(frames: np.ndarray, plan: OutputPlan, record: dict, fps: float
     json_path.write_text(json.dumps(_jsonable(record), indent=1, allow_nan=False) + "\n")
     written["json"] = str(json_path)
     return written
+
+
+def guarded_record(parts: list[tuple[str, Callable[[], dict]]], log: Callable = print) -> dict:
+    """The merged dicts of ``parts`` (``(name, fn)``); a part that raises is logged and listed under
+    ``record_errors`` instead, so one failing record field never costs the generated output."""
+    record: dict = {}
+    errors: dict = {}
+    for name, part in parts:
+        try:
+            record.update(part())
+        except Exception as exc:  # noqa: BLE001 - any failure of a record field is reported, not raised
+            errors[name] = f"{type(exc).__name__}: {_one_line(exc)}"
+            log(f"warning: could not record {name}: {errors[name]}")
+    if errors:
+        record["record_errors"] = errors
+    return record
+
+
+def all_dense_record(method: Method, num_steps: int | None, layers: list[int], log: Callable | None = None) -> dict:
+    """``{"all_dense": reason or None}`` for the JSON record; logs a warning when a sparse method's
+    schedule makes the whole run dense (a preset's warm-up longer than a short run, say)."""
+    reason = method.all_dense_reason(num_steps, len(layers) or None)
+    if reason and log is not None:
+        log(f"warning: method {method.label!r} runs dense everywhere: {reason}; lower the dense schedule "
+            "(--dense-steps / --dense-last-steps / --dense-layers) or raise --steps")
+    return {"all_dense": reason}
 
 
 def _jsonable(value):
@@ -961,6 +1025,7 @@ def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | 
         _enable_ulysses(target.pipe, ulysses, ulysses_anything)
     log(f"method: {method.label}" + (f" -> {handle}" if handle is not None else " (diffusers' own attention processors)"))
     layers = _layers(target.pipe)
+    all_dense_record(method, settings.get("num_inference_steps"), layers, log)
     try:
         impl_used = choose_impl(impl, target.device)
     except (ValueError, RuntimeError) as exc:
@@ -974,28 +1039,23 @@ def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | 
             log(f"[{i}/{len(prompts)}] {prompt}")
         result = run_once(target.pipe, prompt, seed, settings, device=target.device, check=method, progress=progress)
         frames = result.frames
-        record = {
-            "tool": "diffattn generate",
-            "note": target.note,
-            "prompt": prompt,
-            "seed": seed,
-            "model": target.record(),
-            "preset": preset_name,
-            "method": method.record(),
-            "impl": impl,
-            "impl_used": f"{impl_used[0]} ({impl_used[1]})" if not method.plain_dense else "diffusers' attention (dense)",
-            "settings": settings,
-            **layout_record(method, result.layout,
-                            settings.get("num_inference_steps") or len(result.timings.get("steps", [])), layers),
-            **frames_record(frames, fps),
-            "cache": cache_record(handle),
-            "parallel": parallel_record(target.pipe, parallel, result.layout),
-            "timings_s": _round_timings({"load": target.load_s, **result.timings}),
-            "timings_note": ("generate = the pipeline call (text encoding, denoising, decoding); steps[0] runs from "
-                             "the first transformer call to the end of step 0; self_attention = time inside the "
-                             "self-attention modules (projections, norms, RoPE, attention, output projection)"),
-            "versions": versions(),
-        }
+        steps_run = settings.get("num_inference_steps") or len(result.timings.get("steps", []))
+        record = {"tool": "diffattn generate", "note": target.note, "prompt": prompt, "seed": seed}
+        record.update(guarded_record([
+            ("model", lambda: {"model": target.record(), "preset": preset_name}),
+            ("method", lambda: {"method": {**method.record(), **all_dense_record(method, steps_run, layers)},
+                                "impl": impl,
+                                "impl_used": f"{impl_used[0]} ({impl_used[1]})" if not method.plain_dense
+                                else "diffusers' attention (dense)",
+                                "settings": settings}),
+            ("layout", lambda: layout_record(method, result.layout, steps_run, layers)),
+            ("frames", lambda: frames_record(frames, fps)),
+            ("cache", lambda: {"cache": cache_record(handle)}),
+            ("parallel", lambda: {"parallel": parallel_record(target.pipe, parallel, result.layout)}),
+            ("timings", lambda: {"timings_s": _round_timings({"load": target.load_s, **result.timings}),
+                                 "timings_note": TIMINGS_NOTE}),
+            ("versions", lambda: {"versions": versions()}),
+        ], log))
         if parallel is not None and not parallel.is_main:
             records.append(record)
             continue

@@ -62,7 +62,10 @@ class Piecewise(Pattern):
     static = False
 
     def __post_init__(self):
-        BlockTopK(density=self.density, block=self.block)  # same validation of density and block
+        try:  # the same rules for density and block as BlockTopK's
+            BlockTopK(density=self.density, block=self.block)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(str(exc).replace("BlockTopK", "Piecewise")) from None
         object.__setattr__(self, "density", float(self.density))
         if self.order not in (0, 1) or isinstance(self.order, bool):
             raise ValueError(f"Piecewise order must be 0 or 1, got {self.order!r}")

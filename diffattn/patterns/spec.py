@@ -21,6 +21,8 @@ from .radial import Radial
 from .window import SlidingWindow
 
 PATTERN_NAMES = ("dense", "window", "radial", "topk", "piecewise")
+EXAMPLES = {"dense": "dense", "window": "window:3x9x9", "radial": "radial:0.2", "topk": "topk:0.25",
+            "piecewise": "piecewise:0.25"}
 
 
 def _sizes(text: str, key: str):
@@ -51,6 +53,36 @@ def _float(text: str, key: str) -> float:
         raise ValueError(f"pattern option {key}={text!r}: expected a number") from None
 
 
+def _int(text: str, key: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"pattern option {key}={text!r}: expected a whole number") from None
+
+
+def _items(spec: str, name: str, rest: str) -> tuple[list[str], dict[str, str]]:
+    """The value before the options and the ``key=value`` options of a spec's argument part."""
+    items = [x.strip() for x in rest.split(",")] if rest.strip() else []
+    if any(not x for x in items):
+        raise ValueError(f"pattern {spec!r}: empty entry between commas; write e.g. '{name}:...,key=value'")
+    positional = [x for x in items if "=" not in x]
+    if len(positional) > 1:
+        raise ValueError(f"pattern {spec!r}: at most one value before the options, got {positional}")
+    if positional and items[0] != positional[0]:
+        raise ValueError(f"pattern {spec!r}: the value {positional[0]!r} must come before the key=value options")
+    options: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            continue
+        key, value = (x.strip() for x in item.split("=", 1))
+        if not key or not value:
+            raise ValueError(f"pattern {spec!r}: option {item!r} needs a key and a value, like stride=1x2x2")
+        if key in options:
+            raise ValueError(f"pattern {spec!r}: option {key!r} given twice")
+        options[key] = value
+    return positional, options
+
+
 def parse_pattern(spec: str) -> Pattern:
     """Build a pattern from its string form.
 
@@ -61,15 +93,15 @@ def parse_pattern(spec: str) -> Pattern:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"pattern must be a non-empty string like 'window:3x9x9', got {spec!r}")
-    head, _, rest = spec.strip().partition(":")
+    head, colon, rest = spec.strip().partition(":")
     name = head.strip().lower()
-    items = [x.strip() for x in rest.split(",") if x.strip()] if rest else []
-    positional = [x for x in items if "=" not in x]
-    options = dict(x.split("=", 1) for x in items if "=" in x)
-    if len(positional) > 1:
-        raise ValueError(f"pattern {spec!r}: at most one value before the options, got {positional}")
+    if name not in PATTERN_NAMES:
+        raise ValueError(f"unknown pattern {name!r}; allowed: {', '.join(PATTERN_NAMES)}")
+    if colon and not rest.strip():
+        raise ValueError(f"pattern {spec!r}: nothing after ':'; e.g. {EXAMPLES[name]!r}")
+    positional, options = _items(spec, name, rest)
     if name == "dense":
-        if items:
+        if positional or options:
             raise ValueError(f"pattern 'dense' takes no options, got {rest!r}")
         return Dense()
     if name == "window":
@@ -100,7 +132,7 @@ def parse_pattern(spec: str) -> Pattern:
             elif key == "sink":
                 kwargs[key] = _bool(value, key)
             else:
-                kwargs[key] = int(_float(value, key))
+                kwargs[key] = _int(value, key)
         if "decay" not in kwargs:
             raise ValueError("pattern 'radial' needs a decay, e.g. 'radial:0.2'")
         return Radial(**kwargs)
@@ -115,9 +147,11 @@ def parse_pattern(spec: str) -> Pattern:
             if key in ("keep_diagonal", "keep_sink"):
                 kwargs[key] = _bool(value, key)
             elif key == "block":
-                kwargs[key] = int(_float(value, key))
+                kwargs[key] = _int(value, key)
             else:
                 kwargs[key] = _float(value, key)
+        if "density" not in kwargs and "cdf" not in kwargs:
+            raise ValueError("pattern 'topk' needs a density or a cdf, e.g. 'topk:0.25' or 'topk:cdf=0.9'")
         return BlockTopK(**kwargs)
     if name == "piecewise":
         allowed = {"density", "block", "order", "first_order", "rank"}
@@ -127,7 +161,7 @@ def parse_pattern(spec: str) -> Pattern:
         for key, value in options.items():
             if key not in allowed:
                 raise ValueError(f"pattern 'piecewise' has no option {key!r}; allowed: {sorted(allowed)}")
-            kwargs[key] = value if key == "first_order" else (_float(value, key) if key == "density" else int(_float(value, key)))
+            kwargs[key] = value if key == "first_order" else (_float(value, key) if key == "density" else _int(value, key))
         if "density" not in kwargs:
             raise ValueError("pattern 'piecewise' needs a density, e.g. 'piecewise:0.25'")
         return Piecewise(**kwargs)
