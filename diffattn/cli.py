@@ -9,6 +9,12 @@ import os
 import sys
 
 
+#: The pattern spec forms, for --help (diffattn/patterns/spec.py has the grammar).
+SPEC_FORMS = ("dense | window:3x9x9[,stride=1x2x2,dilation=1x2x2,tile=true] ('*' = whole axis) | "
+              "radial:0.2[,sink=false] | topk:0.25 | topk:cdf=0.9[,block=64,similarity=0.3] | "
+              "piecewise:0.25[,order=0,first_order=pooled|shared|exact|lowrank]")
+
+
 class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
@@ -352,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "frames are noise) and sparse self-attention; writes MP4, GIF, a PNG of the "
                                       "frames and a JSON record.")
     demo.add_argument("--out", default="outputs/demo", help="output folder, default outputs/demo")
-    demo.add_argument("--pattern", default=DEMO_PATTERN, help=f"attention pattern, default {DEMO_PATTERN}")
+    demo.add_argument("--pattern", default=DEMO_PATTERN, help=f"attention pattern spec: {SPEC_FORMS}; default {DEMO_PATTERN}")
     demo.add_argument("--prompt", default=DEMO_PROMPT, help="text prompt")
     demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the noise, default 0")
     demo.add_argument("--steps", type=int, default=None, help="denoising steps (default 8)")
@@ -368,8 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "--model the embedded tiny Wan pipeline runs: random weights, so its frames are noise.")
     gen.add_argument("--prompt", help="text prompt (default: a demo prompt)")
     gen.add_argument("--prompts", metavar="FILE", help="file with one prompt per line: one output per prompt")
-    gen.add_argument("--method", help="attention pattern spec: 'window:3x5x5', 'window:*x8x8,stride=1x2x2', "
-                                      "'radial:0.2', 'dense' (default: the preset's, else dense)")
+    gen.add_argument("--method", help=f"attention pattern spec: {SPEC_FORMS} (default: the preset's, else dense)")
     _add_generation_args(gen)
     gen.add_argument("--out", nargs="+", metavar="PATH",
                      help="output: a folder (default outputs/generate), or files by extension: .mp4 and/or .gif "
@@ -396,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "on the dense run's q/k/v; write report.md, report.html, speed_quality.png and compare.json.")
     cmp.add_argument("--prompt", help="text prompt (default: a demo prompt)")
     cmp.add_argument("--methods", nargs="+", metavar="METHOD",
-                     help="pattern specs or preset names (default: window:3x5x5 radial:0.2 on the embedded "
+                     help=f"pattern specs ({SPEC_FORMS}) or preset names (default: window:3x5x5 radial:0.2 on the embedded "
                           "model, or the --preset's method)")
     _add_generation_args(cmp)
     cmp.add_argument("--attn-step", type=int, help="denoising step whose q/k/v are probed (default: the middle step)")
@@ -406,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.set_defaults(func=cmd_compare)
 
     show = sub.add_parser("show", help="draw a pattern's block layout", description="Print and draw the block layout of a pattern on a token grid.")
-    show.add_argument("pattern", help="pattern, e.g. 'window:3x9x9', 'window:*x8x8,stride=1x2x2', 'radial:0.2', 'dense'")
+    show.add_argument("pattern", help=f"pattern spec: {SPEC_FORMS} (static patterns only: a dynamic one has no fixed layout)")
     show.add_argument("--grid", type=_grid, required=True, help="token grid FxHxW (video) or HxW (image)")
     show.add_argument("--text-len", type=int, default=0, help="text tokens in the sequence (dense), default 0")
     show.add_argument("--block", type=_block, help="kernel block sizes QxK, default 128x64 (a tiled window: the "
