@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (about 9 minutes on an H100/H200): install, the CUDA tests, the kernel
-# benchmark, the selection / Piecewise and step-cache benchmarks; one merged JSON and one log.
+# benchmark, the selection / Piecewise, step-cache and host-overhead benchmarks; one merged JSON and one log.
 #
 # Usage (from the project root, diffusers wheels from ../shared/tools/gpu-wheels.sh in .whl/):
 #   bash benchmarks/gpu_run.sh                 # the default steps below, in order
@@ -38,7 +38,7 @@ run_cuda_tests() {
   return $rc
 }
 # step -> time limit (s) and command; JSON-writing steps write $WORK/<step>.json
-declare -A LIMIT=([tests]=180 [bench-wan]=60 [bench-hunyuan768]=110 [bench-flux]=45 [selection]=100 [step-cache]=60
+declare -A LIMIT=([tests]=160 [bench-wan]=50 [bench-hunyuan768]=95 [bench-flux]=45 [selection]=100 [step-cache]=60 [host]=45
                   [bench-hunyuan720]=80 [highres]=200 [tune]=200 [alltests]=400)
 run_step() {
   case $1 in
@@ -50,12 +50,13 @@ run_step() {
     bench-hunyuan720) python3 -m diffattn.cli bench kernels --no-flex --shapes hunyuan-720p-129f --out "$WORK/$1.json" ;;
     selection) python3 benchmarks/selection_bench.py --out "$WORK/$1.json" ;;
     step-cache) python3 benchmarks/step_cache_bench.py --out "$WORK/$1.json" ;;
+    host) python3 benchmarks/host_overhead.py --out "$WORK/$1.json" ;;
     highres) python3 benchmarks/highres_bench.py --out "$WORK/$1.json" ;;
     tune) python3 benchmarks/tune_kernel.py --out "$WORK/$1.json" ;;
     *) echo "unknown step $1"; return 2 ;;
   esac
 }
-steps=${*:-tests bench-wan bench-hunyuan768 bench-flux selection step-cache}
+steps=${*:-tests bench-wan bench-hunyuan768 bench-flux selection step-cache host}
 : > "$WORK/steps.tsv"
 for step in $steps; do
   echo "=== $step (limit ${LIMIT[$step]:-120} s)" | tee -a "$LOG"
