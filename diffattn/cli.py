@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "offload=true' (every key optional; defaults: FreeSwim's)")
     gen.add_argument("--ulysses", type=int, default=1, metavar="N",
                      help="diffusers' Ulysses context parallelism over N processes, one GPU each "
-                          "(launch with 'torchrun --nproc-per-node N -m diffattn.cli generate ... --ulysses N')")
+                          "(launch with 'torchrun --nproc-per-node N --no-python diffattn generate ... --ulysses N')")
     gen.add_argument("--ulysses-anything", action="store_true",
                      help="with --ulysses: allow token and head counts that N does not divide")
     gen.set_defaults(func=cmd_generate)
@@ -443,5 +443,43 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def module_main() -> int:
+    """``python -m diffattn`` and ``python -m diffattn.cli`` (also under ``torchrun ... -m``).
+
+    ``python -m`` puts the current directory first on ``sys.path``. The command imports nothing
+    from there, but a folder there can shadow a package that diffusers or transformers import:
+    from this repository's root, ``kernels/`` (installed as ``diffattn.kernels``) hides the PyPI
+    ``kernels`` package (``cannot import name 'CUDAProperties' from 'kernels'``). So the entry is
+    dropped before anything imports them, as ``python -P`` would; the ``diffattn`` console script
+    never has it.
+    """
+    if not getattr(sys.flags, "safe_path", False) and sys.path and _is_current_directory(sys.path[0]):
+        del sys.path[0]
+        _warn_if_source_tree_not_installed()
+    return main()
+
+
+def _is_current_directory(entry) -> bool:
+    try:
+        return os.path.realpath(entry or os.curdir) == os.path.realpath(os.curdir)
+    except (TypeError, ValueError):
+        return False
+
+
+def _warn_if_source_tree_not_installed() -> None:
+    """``python -m`` from a source tree imports ``diffattn`` from it; ``diffattn.kernels`` and
+    ``diffattn.pipelines`` then exist only if that tree is installed editable (``pip install -e .``)."""
+    import importlib.util
+
+    package = sys.modules.get("diffattn")
+    here = os.path.realpath(os.curdir)
+    if package is None or not any(os.path.realpath(p).startswith(here + os.sep) for p in package.__path__):
+        return
+    if importlib.util.find_spec("diffattn.pipelines") is None:
+        print(f"diffattn: warning: diffattn was imported from the source tree in the current directory ({here}), "
+              "which is not installed editable, so diffattn.kernels and diffattn.pipelines are missing: use the "
+              "installed 'diffattn' command, run from another directory, or 'pip install -e .' here", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_main())
