@@ -83,9 +83,13 @@ def test_radial_presets_match_the_paper():
     wan = load_preset("wan-radial")
     assert wan.build_pattern() == Radial(0.2, sink=True)
     assert (wan.schedule.dense_steps, wan.schedule.dense_layers, wan.generation["num_inference_steps"]) == (12, 1, 50)
-    assert wan.build_pattern().attended_fraction(TokenLayout(wan.token_grid())) == pytest.approx(0.339, abs=0.003)
+    # The original's block rule (tests/test_radial.py): 0.3435 at 21x30x52 (paper 0.339).
+    assert wan.token_grid() == (21, 30, 52)
+    assert wan.build_pattern().attended_fraction(TokenLayout(wan.token_grid())) == 368672832 / 32760**2
     hunyuan = load_preset("hunyuan_video-radial")
     assert hunyuan.build_pattern() == Radial(0.95, sink=False)
+    assert hunyuan.token_grid() == (30, 48, 80)  # 0.2746
+    assert hunyuan.build_pattern().attended_fraction(TokenLayout(hunyuan.token_grid())) == 3644653568 / 115200**2
     assert (hunyuan.schedule.dense_steps, hunyuan.schedule.dense_layers, hunyuan.generation["num_inference_steps"]) == (12, 0, 50)
 
 
