@@ -100,11 +100,17 @@ class BlockLayout:
         return out[..., :-1]
 
     def visited_tokens(self) -> torch.Tensor:
-        """(query, key) token pairs computed per (batch, head): ``int64 [Z, Hz]``."""
+        """(query, key) token pairs computed per (batch, head): ``int64 [Z, Hz]``, from the block
+        lists (no ``[NQ, NK]`` matrix)."""
         rows = block_sizes(self.num_tokens, self.block_q)
         cols = block_sizes(self.num_tokens, self.block_k)
-        visited = (self.classes() != EMPTY).to(torch.int64)
-        return (rows[:, None] * visited * cols[None, :]).sum((-1, -2))
+        total = torch.zeros(self.full_num.shape[:2], dtype=torch.int64)
+        for num, idx in ((self.full_num, self.full_idx), (self.part_num, self.part_idx)):
+            num, idx = num.cpu().long(), idx.cpu().long()
+            valid = torch.arange(idx.shape[-1]) < num[..., None]
+            keys = torch.where(valid, cols[idx.clamp(max=len(cols) - 1)], 0).sum(-1)  # [Z, Hz, NQ]
+            total += (keys * rows).sum(-1)
+        return total
 
     @property
     def block_density(self) -> float:
@@ -112,11 +118,9 @@ class BlockLayout:
         return float(self.visited_tokens().double().mean()) / self.num_tokens**2
 
     def __repr__(self) -> str:
-        classes = self.classes()
-        full = int((classes == FULL).sum())
-        part = int((classes == PARTIAL).sum())
-        total = classes.numel()
+        full, part = int(self.full_num.sum()), int(self.part_num.sum())
         z, h = self.full_num.shape[:2]
+        total = z * h * self.num_q_blocks * self.num_k_blocks
         return (
             f"BlockLayout(tokens={self.num_tokens}, blocks={self.block_q}x{self.block_k}, "
             f"grid={self.num_q_blocks}x{self.num_k_blocks}, batch x heads={z}x{h}, "
@@ -159,10 +163,18 @@ class BlockLayout:
 def _build_cached(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device: str,
                   complement: bool = False) -> BlockLayout:
     f_n, h_n, w_n = as_grid3(grid)
-    classes = pattern.block_classes(grid, block_q, block_k)
-    if complement:
-        classes = complement_classes(classes)
-    layout = BlockLayout.from_classes(classes, block_q, block_k, f_n * h_n * w_n)
+    n = f_n * h_n * w_n
+    lists = None if complement or n % block_k else pattern.block_lists(grid, block_q, block_k)
+    if lists is not None:  # all visited blocks full, built without the [NQ, NK] class matrix
+        count, idx = lists
+        empty = torch.zeros_like(count)
+        layout = BlockLayout(block_q, block_k, n, count[None, None], idx[None, None], empty[None, None],
+                             empty[None, None, :, None])
+    else:
+        classes = pattern.block_classes(grid, block_q, block_k)
+        if complement:
+            classes = complement_classes(classes)
+        layout = BlockLayout.from_classes(classes, block_q, block_k, n)
     return layout if device == "cpu" else layout.to(device)
 
 

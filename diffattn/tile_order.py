@@ -197,3 +197,81 @@ def tile_block_classes(axis_tiles: list[torch.Tensor], grid3: tuple, tile3: tupl
         block[~some] = EMPTY
         rows.append(block)
     return torch.cat(rows, 0)
+
+
+def _axis_intervals(axis_tiles: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per axis, the first and last key tile each query tile attends (``int64 [n_a]`` each), or
+    None when some query tile attends a set of key tiles that is not one interval."""
+    out = []
+    for matrix in axis_tiles:
+        n = matrix.shape[1]
+        lo = matrix.to(torch.int8).argmax(1)
+        hi = n - 1 - matrix.flip(1).to(torch.int8).argmax(1)
+        if bool((matrix.sum(1) != hi - lo + 1).any()) or not bool(matrix.any(1).all()):
+            return None
+        out.append((lo, hi))
+    return out
+
+
+def _tile_intervals(intervals, grid3: tuple, tile3: tuple) -> torch.Tensor:
+    """``int64 [T, 6]``: (lo, hi) of the key tiles on each axis, per query tile in tile order."""
+    nf, nh, nw = (g // t for g, t in zip(grid3, tile3))
+    (lf, hf), (lh, hh), (lw, hw) = intervals
+    f = torch.arange(nf)[:, None, None].expand(nf, nh, nw).reshape(-1)
+    h = torch.arange(nh)[None, :, None].expand(nf, nh, nw).reshape(-1)
+    w = torch.arange(nw)[None, None, :].expand(nf, nh, nw).reshape(-1)
+    return torch.stack([lf[f], hf[f], lh[h], hh[h], lw[w], hw[w]], 1)
+
+
+def query_blocks_share_keys(axis_tiles: list[torch.Tensor], grid3: tuple, tile3: tuple, block_q: int) -> bool | None:
+    """Whether every query block of ``block_q`` tokens (tile order) lies in tiles that attend one
+    and the same set of key tiles: with key blocks inside tiles, exactly when no block is partial.
+    O(number of tiles), no block matrix; None when a query tile's key tiles are not an interval
+    per axis (undecided here)."""
+    intervals = _axis_intervals(axis_tiles)
+    if intervals is None:
+        return None
+    per_tile = _tile_intervals(intervals, grid3, tile3)
+    n, volume = per_tile.shape[0] * tile_volume(tile3), tile_volume(tile3)
+    touched = _touched_tiles(n, block_q, volume)  # [NQ, m]
+    return bool((per_tile[touched] == per_tile[touched[:, :1]]).all())
+
+
+def tile_block_lists(axis_tiles: list[torch.Tensor], grid3: tuple, tile3: tuple, block_q: int,
+                     block_k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The key blocks each query block visits, built from the tiles in O(kept blocks): no
+    ``[NQ, NK]`` matrix (a 506,880-token grid with 32-token blocks would need 250 M entries).
+
+    Applies when key blocks lie inside tiles (``block_k`` divides the tile volume), every query
+    block's tiles share one key set (:func:`query_blocks_share_keys`) and each query tile attends
+    an interval of key tiles per axis; then every visited block is full. Returns
+    ``(count int32 [NQ], ascending indices int32 [NQ, max(1, count)])`` or None where it does
+    not apply (use :func:`tile_block_classes` there).
+    """
+    volume = tile_volume(tile3)
+    if volume % block_k:
+        return None
+    intervals = _axis_intervals(axis_tiles)
+    if intervals is None or not query_blocks_share_keys(axis_tiles, grid3, tile3, block_q):
+        return None  # (a query block over tiles with different keys has partial blocks)
+    nf, nh, nw = (g // t for g, t in zip(grid3, tile3))
+    per_tile = _tile_intervals(intervals, grid3, tile3)  # [T, 6]
+    spans = per_tile[:, 1::2] - per_tile[:, 0::2] + 1  # [T, 3] key tiles per axis
+    widths = [int(spans[:, a].max()) for a in range(3)]
+    steps = [torch.arange(m) for m in widths]
+    f = per_tile[:, 0, None, None, None] + steps[0][None, :, None, None]
+    h = per_tile[:, 2, None, None, None] + steps[1][None, None, :, None]
+    w = per_tile[:, 4, None, None, None] + steps[2][None, None, None, :]
+    valid = ((steps[0][None, :, None, None] < spans[:, 0, None, None, None])
+             & (steps[1][None, None, :, None] < spans[:, 1, None, None, None])
+             & (steps[2][None, None, None, :] < spans[:, 2, None, None, None]))
+    key_tiles = (f * nh * nw + h * nw + w).reshape(len(per_tile), -1)  # ascending where valid
+    valid = valid.reshape(len(per_tile), -1)
+    count = valid.sum(1)
+    order = torch.argsort(valid.to(torch.int8), dim=1, descending=True, stable=True)[:, : int(count.max())]
+    key_tiles = torch.gather(key_tiles, 1, order)
+    per_key_tile = volume // block_k  # key blocks of one tile, consecutive
+    blocks = (key_tiles[:, :, None] * per_key_tile + torch.arange(per_key_tile)).reshape(len(per_tile), -1)
+    count = count * per_key_tile
+    first_tile = _touched_tiles(per_tile.shape[0] * volume, block_q, volume)[:, 0]  # [NQ]
+    return count[first_tile].to(torch.int32), blocks[first_tile].to(torch.int32).contiguous()

@@ -1,6 +1,7 @@
 """The tile-aligned sliding window (STA): tile-major token order, its all-full block layout, the
 kernel in tile order against the raster-order reference, and the same through diffattn.apply."""
 
+import math
 import os
 
 import pytest
@@ -293,3 +294,51 @@ def test_kernel_blocks_of_a_tiled_window_need_the_grid():
 def test_tiled_with_int_tile_is_the_same_on_every_axis():
     assert SlidingWindow.tiled(8, 3) == SlidingWindow(24, stride=8, tile=8)
     assert SlidingWindow.tiled(8, (3, 3)) == SlidingWindow((24, 24), stride=(8, 8), tile=(8, 8))
+
+
+LIST_CASES = [((4, 8, 8), (1, 4, 4), (3, 1, 1)), ((6, 12, 12), (2, 4, 4), (3, 3, 3)), ((12, 32, 32), (4, 8, 8), (3, 3, 3)),
+              ((8, 32), (4, 8), (None, 3)), ((12, 16, 16), (3, 4, 8), (3, 1, 1)), ((6, 8, 8), (3, 4, 8), (1, 1, None))]
+
+
+@pytest.mark.parametrize("grid, tile, window_tiles", LIST_CASES, ids=str)
+def test_block_lists_from_tiles_equal_the_class_matrix(grid, tile, window_tiles):
+    """The O(kept blocks) builder gives the class-matrix layout exactly, wherever it applies; it
+    applies exactly where the tile rule says no block is partial."""
+    from diffattn.block_layout import BlockLayout
+    from diffattn.patterns.base import PARTIAL
+
+    pattern = SlidingWindow.tiled(tile=tile, window_tiles=window_tiles)
+    n = math.prod(grid)
+    for block_q in (16, 32, 64, 128, 256):
+        for block_k in (16, 32, 64, 128):
+            classes = pattern.block_classes(grid, block_q, block_k)
+            has_partial = bool((classes == PARTIAL).any())
+            assert pattern._blocks_all_full_or_empty(grid, block_q, block_k) == (not has_partial)
+            lists = pattern.block_lists(grid, block_q, block_k)
+            if lists is None:
+                continue
+            assert not has_partial
+            count, idx = lists
+            fast = BlockLayout(block_q, block_k, n, count[None, None], idx[None, None],
+                               torch.zeros_like(count)[None, None], torch.zeros_like(count)[None, None, :, None])
+            slow = BlockLayout.from_classes(classes, block_q, block_k, n)
+            assert torch.equal(fast.classes(), slow.classes())
+            assert torch.equal(fast.visited_tokens(), slow.visited_tokens())
+
+
+def test_large_tiled_layout_never_builds_the_block_matrix(monkeypatch):
+    """506,880 tokens with 32-token blocks: 15,840 x 15,840 blocks (250 M entries) as a class
+    matrix; the block-size search and the build work from the tiles alone."""
+    from diffattn.attention import kernel_blocks
+
+    def no_matrix(*args, **kwargs):
+        raise AssertionError("the [NQ, NK] block class matrix was built")
+
+    grid, pattern = (66, 96, 80), SlidingWindow.tiled(tile=(3, 4, 8), window_tiles=(3, 3, 3))
+    monkeypatch.setattr(SlidingWindow, "block_classes", no_matrix)
+    blocks = kernel_blocks(pattern, 128, None, grid)
+    assert blocks == (32, 32)
+    layout = diffattn.build_block_layout(pattern, grid, *blocks)
+    assert layout.num_q_blocks == 15840 and int(layout.part_num.sum()) == 0
+    assert layout.full_idx.shape[-1] == 27 * 3  # 27 key tiles of 3 blocks each, at most
+    assert 0 < layout.block_density < 0.01

@@ -63,6 +63,12 @@ class Pattern:
         (``pattern_from_spec``), so compiled code can key caches without the object."""
         raise NotImplementedError
 
+    def block_lists(self, grid: tuple, block_q: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The visited key blocks as ``(count int32 [NQ], indices int32 [NQ, W])``, all of them
+        full, built without the ``[NQ, NK]`` class matrix; None (the default) when the pattern has
+        no such builder for these blocks and ``block_classes`` is used."""
+        return None
+
     def kernel_block_limit(self) -> int | None:
         """Largest kernel block size this pattern supports (None: any)."""
         return None

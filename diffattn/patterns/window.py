@@ -25,7 +25,8 @@ import functools
 
 import torch
 
-from ..tile_order import MIN_BLOCK, TileOrder, check_tile, largest_block, tile_block_classes, tile_volume
+from ..tile_order import (MIN_BLOCK, TileOrder, check_tile, largest_block, query_blocks_share_keys, tile_block_classes,
+                          tile_block_lists, tile_volume)
 from ..tokens import TokenLayout
 from .base import MASK_BOUNDS, MASK_WINDOW, PARTIAL, MaskMod, Pattern, as_grid3
 from .separable import separable_block_classes
@@ -275,8 +276,30 @@ class SlidingWindow(Pattern):
         if tile is None:
             return separable_block_classes(matrices, as_grid3(grid), block_q, block_k)
         tile3 = as_grid3(tile)
-        per_tile = [m[::t, ::t] for m, t in zip(matrices, tile3)]  # whole tiles attend whole tiles
-        return tile_block_classes(per_tile, as_grid3(grid), tile3, block_q, block_k)
+        return tile_block_classes(self._per_tile(grid), as_grid3(grid), tile3, block_q, block_k)
+
+    def _per_tile(self, grid: tuple) -> list[torch.Tensor]:
+        """Per axis, ``bool [n_a / t_a, n_a / t_a]``: query tile attends key tile (whole tiles
+        attend whole tiles)."""
+        tile3 = as_grid3(self.tile_shape(grid))
+        return [rule.matrix()[::t, ::t] for rule, t in zip(self.axes(grid), tile3)]
+
+    def block_lists(self, grid: tuple, block_q: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A tiled window's visited blocks straight from its tiles (O(kept blocks)) when no block
+        straddles tiles with different keys; None otherwise and for raster-order windows."""
+        if self.tile is None:
+            return None
+        return tile_block_lists(self._per_tile(grid), as_grid3(grid), as_grid3(self.tile_shape(grid)), block_q, block_k)
+
+    def _blocks_all_full_or_empty(self, grid: tuple, block_q: int, block_k: int) -> bool:
+        """No partial block in tile order: decided from the tiles in O(tiles) where key blocks lie
+        inside tiles, else from the block classes."""
+        tile3 = as_grid3(self.tile_shape(grid))
+        if tile_volume(tile3) % block_k == 0:
+            shared = query_blocks_share_keys(self._per_tile(grid), as_grid3(grid), tile3, block_q)
+            if shared is not None:
+                return shared
+        return not bool((self.block_classes(grid, block_q, block_k) == PARTIAL).any())
 
     def visual_pairs(self, grid: tuple) -> int:
         pairs = 1
@@ -322,7 +345,7 @@ def _tile_blocks_cached(spec: tuple, grid: tuple, block_q: int, block_k: int, fi
     pattern = SlidingWindow(*spec[1:])
     pattern.validate(grid)
     if fixed:
-        if bool((pattern.block_classes(grid, block_q, block_k) == PARTIAL).any()):
+        if not pattern._blocks_all_full_or_empty(grid, block_q, block_k):
             volume = tile_volume(pattern.tile_shape(grid))
             raise ValueError(f"block_size=({block_q}, {block_k}) cuts the {volume}-token tiles of {pattern!r} into "
                              f"partial blocks; allowed: powers of two that divide {volume} (at most "
@@ -331,6 +354,6 @@ def _tile_blocks_cached(spec: tuple, grid: tuple, block_q: int, block_k: int, fi
     volume = tile_volume(pattern.tile_shape(grid))
     block_k = largest_block(volume, block_k)
     smallest = largest_block(volume, block_q)  # never straddles a tile
-    while block_q > smallest and bool((pattern.block_classes(grid, block_q, block_k) == PARTIAL).any()):
+    while block_q > smallest and not pattern._blocks_all_full_or_empty(grid, block_q, block_k):
         block_q //= 2
     return block_q, block_k
