@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 
 import torch
@@ -60,40 +62,55 @@ def choose_impl(impl: str, device: torch.device) -> tuple[str, str]:
     return "reference", f"tensors on {device}: the Triton kernels run on CUDA"
 
 
-def _check(q, k, v, pattern, layout, return_lse) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def _check_tensors(named: tuple, pattern, layout) -> None:
+    """q, k (, v): ``[B, S, H, D]`` tensors of one allowed dtype, shape and device, ``1 <= D <= 256``,
+    ``S == layout.seq_len``; ``pattern`` a Pattern, ``layout`` a TokenLayout. An empty batch
+    (B == 0) or no heads (H == 0) is allowed: the result is empty, as torch's SDPA gives."""
+    names = ", ".join(name for name, _ in named)
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, S, H, D] (4 dims), got shape {tuple(t.shape)}")
         if t.dtype not in DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; allowed: float16, bfloat16, float32")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[-1] != k.shape[-1] or q.shape[-1] != v.shape[-1]:
-        raise ValueError(
-            f"head dims must match: q has D={q.shape[-1]}, k has D={k.shape[-1]}, v has D={v.shape[-1]}"
-        )
-    if q.shape != k.shape or k.shape != v.shape:
-        raise ValueError(
-            f"q, k, v must have the same [B, S, H, D] shape (self-attention), got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"head dim D={q.shape[-1]} is larger than the supported {MAX_HEAD_DIM}")
+    tensors = [t for _, t in named]
+    if len({t.dtype for t in tensors}) != 1:
+        raise TypeError(f"{names} must share one dtype, got {', '.join(str(t.dtype) for t in tensors)}")
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"{names} must be on one device, got {', '.join(str(t.device) for t in tensors)}")
+    if len({t.shape[-1] for t in tensors}) != 1:
+        raise ValueError("head dims must match: " + ", ".join(f"{n} has D={t.shape[-1]}" for n, t in named))
+    if len({t.shape for t in tensors}) != 1:
+        raise ValueError(f"{names} must have the same [B, S, H, D] shape (self-attention), got "
+                         + ", ".join(str(tuple(t.shape)) for t in tensors))
+    d = tensors[0].shape[-1]
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={d} is not supported; allowed: 1 <= D <= {MAX_HEAD_DIM}")
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a diffattn pattern (Dense, SlidingWindow, Radial, ...), got {type(pattern).__name__}")
     if not isinstance(layout, TokenLayout):
         raise TypeError(f"layout must be a diffattn.TokenLayout, got {type(layout).__name__}")
-    if q.shape[1] != layout.seq_len:
+    if tensors[0].shape[1] != layout.seq_len:
         raise ValueError(
-            f"q has S={q.shape[1]} tokens but {layout} has {layout.seq_len} "
+            f"{named[0][0]} has S={tensors[0].shape[1]} tokens but {layout} has {layout.seq_len} "
             f"({layout.num_visual} visual + {layout.text_len} text)"
         )
+
+
+def _check(q, k, v, pattern, layout, return_lse) -> None:
+    _check_tensors((("q", q), ("k", k), ("v", v)), pattern, layout)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+
+
+def _scale(scale, head_dim: int) -> float:
+    """The softmax scale: ``scale`` as a float (a finite number), or ``head_dim ** -0.5``."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite number (default D ** -0.5), got {scale!r}")
+    return float(scale)
 
 
 def _check_text_lens(text_lens, q: torch.Tensor, layout: TokenLayout) -> None:
@@ -128,7 +145,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, layout: To
     ``impl`` as in ``attention``: ``"triton"`` runs the selection kernel (pooling, pooled
     scores, top-k / cdf in one pass per query-block row), ``"reference"`` the torch code of
     ``BlockTopK.select``, ``"auto"`` the kernel on CUDA and the reference elsewhere. Both break
-    ties between equal scores toward the lower key-block index.
+    ties between equal scores toward the lower key-block index, and both keep every block pair
+    whose pooled score is NaN or inf (so NaN in q or k is never dropped with its block). q and k
+    are checked as for ``attention``; B == 0 or H == 0 gives an empty selection.
 
     >>> import torch, diffattn
     >>> layout = diffattn.TokenLayout((2, 8, 8))
@@ -136,11 +155,16 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, layout: To
     >>> diffattn.select_blocks(q, k, diffattn.BlockTopK(density=0.5, block=16), layout).shape
     torch.Size([1, 2, 8, 8])
     """
+    _check_tensors((("q", q), ("k", k)), pattern, layout)
     if pattern.static:
-        raise ValueError(f"{type(pattern).__name__} is static: its blocks come from build_block_layout")
+        raise ValueError(f"{type(pattern).__name__} is static: its blocks come from build_block_layout; "
+                         "select_blocks takes a dynamic pattern (BlockTopK, Piecewise)")
     chosen, _ = choose_impl(impl, q.device)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = _scale(scale, q.shape[-1])
     vs, nv = layout.visual_start, layout.num_visual
+    if q.numel() == 0:  # B == 0 or H == 0: nothing to select
+        nb = -(-nv // pattern.selector.block)
+        return torch.zeros((q.shape[0], q.shape[2], nb, nb), dtype=torch.bool, device=q.device)
     if chosen == "triton":
         from .kernels.block_selection import block_select
 
@@ -156,9 +180,18 @@ def _select(pattern: Pattern, q, k, layout: TokenLayout, scale: float, selection
     nq = -(-layout.num_visual // pattern.block)
     expected = (q.shape[0], q.shape[2], nq, nq)
     if not isinstance(selection, torch.Tensor) or selection.dtype != torch.bool or tuple(selection.shape) != expected:
-        got = tuple(selection.shape) if isinstance(selection, torch.Tensor) else type(selection).__name__
+        got = (f"{selection.dtype} {tuple(selection.shape)}" if isinstance(selection, torch.Tensor)
+               else type(selection).__name__)
         raise ValueError(f"selection must be a bool tensor of shape [B, H, NQ, NK] = {expected}, got {got}")
+    if selection.device != q.device:
+        raise ValueError(f"selection must be on q's device {q.device}, got {selection.device}")
     return selection
+
+
+def _check_selection_use(pattern: Pattern, selection) -> None:
+    if selection is not None and pattern.static:
+        raise ValueError(f"selection is for dynamic patterns (BlockTopK, Piecewise); {type(pattern).__name__} is "
+                         "static and has no selection: leave selection=None")
 
 
 def kernel_blocks(pattern: Pattern, head_dim: int, block_size=None, grid: tuple | None = None) -> tuple[int, int]:
@@ -274,14 +307,16 @@ def attention(
 
     Args:
         q, k, v: ``[B, S, H, D]`` (diffusers' layout), float16 / bfloat16 / float32, one
-            device, ``S == layout.seq_len``, ``D <= 256``.
+            shape and device, ``S == layout.seq_len``, ``1 <= D <= 256``. B == 0 gives an empty
+            result. NaN / inf propagate as in dense attention restricted to the pattern's keys
+            (``masked_attention_reference``); they are never turned into finite values.
         pattern: Dense(), SlidingWindow(...), Radial(...), ...
         layout: the TokenLayout saying where visual and text tokens sit.
         impl: ``"triton"`` (the kernel: CUDA, or CPU under ``TRITON_INTERPRET=1``),
             ``"reference"`` (chunked torch), or ``"auto"`` (Triton on CUDA, else reference;
             the choice is logged at debug level on the ``diffattn`` logger).
         return_lse: also return the log-sum-exp ``[B, S, H]`` (float32, natural log).
-        scale: softmax scale, default ``D ** -0.5``.
+        scale: softmax scale (a finite number), default ``D ** -0.5``.
         block_size: ``(block_q, block_k)`` of the kernel, powers of two >= 16; default
             chosen from the head dim.
         text_lens: optional ``int [B]``: how many text tokens of each batch row are real; the
@@ -310,11 +345,15 @@ def attention(
             raise ValueError(f"block_size must be (block_q, block_k), got {block_size!r}")
         check_block_sizes(*block_size)
     _check_text_lens(text_lens, q, layout)
+    _check_selection_use(pattern, selection)
     pattern.validate(layout.grid)
     chosen, why = choose_impl(impl, q.device)
     if not torch.compiler.is_compiling():
         logger.debug("diffattn.attention: %s (%s)", chosen, why)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _scale(scale, q.shape[-1])
+    if q.numel() == 0:  # B == 0 or H == 0: an empty result, as torch's SDPA gives
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        return (out, lse) if return_lse else out
     if isinstance(pattern, Piecewise):
         if block_size is not None and tuple(block_size) != (pattern.block, pattern.block):
             raise ValueError(f"block_size={tuple(block_size)!r}: Piecewise runs blocks of its own block size "

@@ -18,8 +18,8 @@ import functools
 
 import torch
 
-from .attention import (_check, _check_text_lens, _select, attention, choose_impl, in_kernel_order, in_raster_order,
-                        kernel_blocks, tile_order_of)
+from .attention import (_check, _check_selection_use, _check_text_lens, _scale, _select, attention, choose_impl,
+                        in_kernel_order, in_raster_order, kernel_blocks, tile_order_of)
 from .block_layout import BlockLayout, build_block_layout, check_block_sizes, complement_layout_tensors, layout_tensors
 from .patterns.base import EMPTY, FULL, Pattern, as_grid3, pattern_from_spec
 from .patterns.piecewise import Piecewise
@@ -33,7 +33,9 @@ def merge_partials(out_1: torch.Tensor, lse_1: torch.Tensor, out_2: torch.Tensor
     """Merge two attention partials over disjoint keys: ``out [B, S, H, D]``, ``lse [B, S, H]``
     (natural log; -inf for a partial with no keys, whose output is then ignored).
     Returns ``(out, lse)``: out in out_1's dtype, lse float32; a row empty in both partials gets
-    out 0 and lse -inf.
+    out 0 and lse -inf. NaN propagates from either partial: a NaN (or +inf) lse makes the row's
+    out and lse NaN, and a NaN / inf in the output of a non-empty partial reaches the merged
+    output even when that partial's weight rounds to 0 (as ``0 * NaN`` does in dense attention).
 
     ``impl``: ``"triton"`` (one fused kernel: CUDA, or CPU under ``TRITON_INTERPRET=1``),
     ``"reference"`` (torch), or ``"auto"`` (Triton on CUDA, else torch).
@@ -43,22 +45,48 @@ def merge_partials(out_1: torch.Tensor, lse_1: torch.Tensor, out_2: torch.Tensor
     >>> merge_partials(out, lse, torch.full_like(out, float("nan")), empty)[0].equal(out)
     True
     """
+    _check_merge(out_1, lse_1, out_2, lse_2)
     chosen, _ = choose_impl(impl, out_1.device)
-    if chosen == "triton":
+    if chosen == "triton" and out_1.numel():  # (nothing to launch for empty tensors)
         from .kernels import merge_partials as merge_kernel
 
         return merge_kernel(out_1, lse_1.float(), out_2, lse_2.float())
     lse_1, lse_2 = lse_1.float(), lse_2.float()
-    m = torch.maximum(lse_1, lse_2)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w_1, w_2 = torch.exp(lse_1 - m), torch.exp(lse_2 - m)
+    m = torch.maximum(lse_1, lse_2)  # NaN if either is NaN
+    m = m.masked_fill(m == float("-inf"), 0.0)  # both empty
+    w_1, w_2 = torch.exp(lse_1 - m), torch.exp(lse_2 - m)  # NaN for a NaN or +inf lse
     total = w_1 + w_2
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    part_1 = torch.where((w_1 > 0)[..., None], out_1.float() * (w_1 / safe)[..., None], 0.0)  # 0 * garbage is not 0
-    part_2 = torch.where((w_2 > 0)[..., None], out_2.float() * (w_2 / safe)[..., None], 0.0)
+    empty = total == 0  # both partials empty (a NaN total is not)
+    safe = total.masked_fill(empty, 1.0)
+    # an empty partial (lse -inf) is skipped, not multiplied (0 * garbage is not 0); any other
+    # partial is multiplied even with weight 0, so its NaN / inf propagate as in dense attention
+    part_1 = torch.where((lse_1 == float("-inf"))[..., None], 0.0, out_1.float() * (w_1 / safe)[..., None])
+    part_2 = torch.where((lse_2 == float("-inf"))[..., None], 0.0, out_2.float() * (w_2 / safe)[..., None])
     out = (part_1 + part_2).to(out_1.dtype)
-    lse = torch.where(total > 0, m + torch.log(safe), torch.full_like(m, float("-inf")))
+    lse = torch.where(empty, float("-inf"), m + torch.log(safe))
     return out, lse
+
+
+def _check_merge(out_1, lse_1, out_2, lse_2) -> None:
+    named = (("out_1", out_1), ("lse_1", lse_1), ("out_2", out_2), ("lse_2", lse_2))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} has dtype {t.dtype}; allowed: floating-point dtypes")
+    for name, t in (("out_1", out_1), ("out_2", out_2)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, S, H, D] (4 dims), got shape {tuple(t.shape)}")
+    if out_1.shape != out_2.shape:
+        raise ValueError(f"out_1 and out_2 must have one shape [B, S, H, D], got {tuple(out_1.shape)} and "
+                         f"{tuple(out_2.shape)}")
+    for name, t in (("lse_1", lse_1), ("lse_2", lse_2)):
+        if t.shape != out_1.shape[:-1]:
+            raise ValueError(f"{name} must be [B, S, H] = {tuple(out_1.shape[:-1])} (the outputs' shape without D), "
+                             f"got {tuple(t.shape)}")
+    if len({t.device for _, t in named}) != 1:
+        raise ValueError("out_1, lse_1, out_2, lse_2 must be on one device, got "
+                         + ", ".join(str(t.device) for _, t in named))
 
 
 def _geometry(layout: TokenLayout) -> list[int]:
@@ -92,9 +120,10 @@ def external_only_layout_tensors(spec: tuple, grid: tuple, block_q: int, block_k
     return blocks.full_num, blocks.full_idx, blocks.part_num
 
 
-def _check_partials_call(q, k, v, pattern: Pattern, layout: TokenLayout, impl: str, block_size) -> str:
+def _check_partials_call(q, k, v, pattern: Pattern, layout: TokenLayout, impl: str, block_size, selection=None) -> str:
     """Argument checks shared by the partials' entry points; returns the implementation to run."""
     _check(q, k, v, pattern, layout, True)
+    _check_selection_use(pattern, selection)
     if isinstance(pattern, Piecewise):
         raise ValueError("Piecewise already covers every key (exactly or approximately): it has no external part")
     if block_size is not None:
@@ -110,10 +139,10 @@ def external_attention(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
     """The external partial: each visual query over the visual keys ``pattern`` does not attend
     (text queries and text keys are internal). Returns ``(out, lse)``; rows with no external key
     get out 0 and lse -inf."""
-    chosen = _check_partials_call(q, k, v, pattern, layout, impl, block_size)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    chosen = _check_partials_call(q, k, v, pattern, layout, impl, block_size, selection)
+    scale = _scale(scale, q.shape[-1])
     n = layout.num_visual
-    if pattern.is_dense:
+    if pattern.is_dense or q.numel() == 0:  # no external keys, or B == 0 / H == 0
         return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
     if not pattern.static:
         keep = _select(pattern, q, k, layout, scale, selection, chosen)
@@ -203,14 +232,16 @@ def attention_partials(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
     >>> torch.allclose(out, diffattn.attention(q, k, v, diffattn.Dense(), layout=layout), atol=1e-5)
     True
     """
-    chosen = _check_partials_call(q, k, v, pattern, layout, impl, block_size)
+    chosen = _check_partials_call(q, k, v, pattern, layout, impl, block_size, selection)
     _check_text_lens(text_lens, q, layout)
+    scale = _scale(scale, q.shape[-1])
+    if q.numel() == 0:  # B == 0 or H == 0: empty partials
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        return torch.empty_like(q), lse, torch.empty_like(q), lse.clone()
     if chosen == "triton" and not pattern.is_dense and layout.num_visual:
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         return _partials_triton(q, k, v, pattern, layout, scale, block_size, text_lens, selection)
     if not pattern.static and selection is None and not pattern.is_dense:
-        scale_ = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        selection = _select(pattern, q, k, layout, scale_, None, chosen)
+        selection = _select(pattern, q, k, layout, scale, None, chosen)
     out_in, lse_in = attention(q, k, v, pattern, layout=layout, impl=impl, return_lse=True, scale=scale,
                                block_size=block_size, text_lens=text_lens, selection=selection)
     out_ex, lse_ex = external_attention(q, k, v, pattern, layout=layout, impl=impl, scale=scale,

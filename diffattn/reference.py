@@ -1,7 +1,16 @@
 """Torch reference of masked attention: the readable oracle for the kernels.
 
 Processes queries in chunks so it never allocates S x S: peak extra memory is about
-``3 * chunk * S * B * H`` floats, with the chunk chosen to stay under ``max_elements``.
+``3 * chunk * S * B * H`` floats, with the chunk chosen to stay under ``max_elements`` (about
+twice that when v holds NaN or inf).
+
+Non-finite inputs follow IEEE arithmetic over each query's *attended* keys only, as a sparse
+kernel that never reads the other keys would: a NaN query, or an attended key that makes a score
+NaN or +inf, gives a NaN row (lse NaN); an attended NaN value makes that output component NaN,
+an attended +-inf value makes it +-inf (NaN if both signs, or if its softmax weight is 0).
+Masked-out keys and values never leak in. (Torch's SDPA with a boolean ``attn_mask`` differs
+there: it adds the mask as -inf, so a NaN key or value it masks out still turns rows NaN.)
+A row whose attended scores are all -inf gets out 0 and lse -inf, like an empty row (as SDPA).
 """
 
 from __future__ import annotations
@@ -36,7 +45,8 @@ def masked_attention_reference(
 
     Returns:
         ``out [B, S, H, D]`` in q's dtype and ``lse [B, S, H]`` float32 (natural log).
-        A query with no attended key gets out 0 and lse -inf.
+        A query with no attended key (or only -inf scores) gets out 0 and lse -inf; NaN / inf
+        inputs as in the module docstring (lse NaN where the softmax is ill-defined).
     """
     b, s_q, h, d = q.shape
     s_k = k.shape[1]
@@ -46,6 +56,12 @@ def masked_attention_reference(
     chunk = max(1, min(s_q, max_elements // max(1, s_k * b * h)))
     kc = k.to(compute_dtype).permute(0, 2, 3, 1)  # [B, H, D, Sk]
     vc = v.to(compute_dtype).transpose(1, 2)  # [B, H, Sk, D]
+    v_bad = ~torch.isfinite(vc)
+    if not bool(v_bad.any()):
+        v_bad = None
+    else:  # the finite part goes through the matmul; NaN / inf values are added per attended key
+        v_fin = vc.masked_fill(v_bad, 0.0)
+        v_nan, v_pinf, v_ninf = (x.to(compute_dtype) for x in (vc.isnan(), vc == float("inf"), vc == float("-inf")))
     out = torch.empty_like(q)
     lse = torch.empty(b, s_q, h, dtype=torch.float32, device=q.device)
     kv_idx = torch.arange(s_k, device=q.device)
@@ -53,18 +69,33 @@ def masked_attention_reference(
         stop = min(s_q, start + chunk)
         qc = q[:, start:stop].to(compute_dtype).transpose(1, 2)  # [B, H, C, D]
         scores = torch.matmul(qc, kc) * scale  # [B, H, C, Sk]
+        allowed = None
         if mask_mod is not None:
             q_idx = torch.arange(start, stop, device=q.device)
-            allowed = mask_mod(q_idx[:, None], kv_idx[None, :])  # [C, Sk]
-            scores.masked_fill_(~allowed, float("-inf"))
+            allowed = mask_mod(q_idx[:, None], kv_idx[None, :])  # [C, Sk] or [B, H, C, Sk]
         if key_padding is not None:
-            scores.masked_fill_(~key_padding[:, None, None, :], float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, H, C, 1]
-        finite = torch.isfinite(row_lse)
-        probs = torch.exp(scores - torch.where(finite, row_lse, torch.zeros_like(row_lse)))
+            padding = key_padding[:, None, None, :]
+            allowed = padding if allowed is None else allowed & padding
+        if allowed is not None:  # masked scores are -inf whatever q . k was (NaN included)
+            scores.masked_fill_(~allowed, float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, H, C, 1]: NaN / +inf when ill-defined
+        empty = row_lse == float("-inf")  # no attended key, or every attended score -inf
+        probs = torch.exp(scores - row_lse.masked_fill(empty, 0.0))  # 0 on masked keys; NaN rows stay NaN
         del scores
-        probs.masked_fill_(~finite, 0.0)
-        out[:, start:stop] = torch.matmul(probs, vc).transpose(1, 2).to(q.dtype)
-        del probs
+        if v_bad is None:
+            res = torch.matmul(probs, vc)
+        else:
+            res = torch.matmul(probs, v_fin)
+            att = torch.ones_like(probs) if allowed is None else allowed.expand_as(probs).to(compute_dtype)
+            weighted = (probs > 0).to(compute_dtype)
+            unweighted = att * (1 - weighted) * (~empty).to(compute_dtype)  # attended with weight 0: 0 * inf
+            poison = torch.matmul(att, v_nan) + torch.matmul(unweighted, v_pinf + v_ninf)
+            res = res + torch.where(torch.matmul(weighted, v_pinf) > 0, float("inf"), 0.0)
+            res = res - torch.where(torch.matmul(weighted, v_ninf) > 0, float("inf"), 0.0)  # inf - inf: NaN
+            res = res.masked_fill(poison > 0, float("nan"))
+            del att, weighted, unweighted, poison
+        out[:, start:stop] = res.transpose(1, 2).to(q.dtype)
+        del probs, res
+        row_lse = row_lse.masked_fill(row_lse == float("inf"), float("nan"))  # as the kernels: no finite lse
         lse[:, start:stop] = row_lse[..., 0].transpose(1, 2).float()
     return out, lse

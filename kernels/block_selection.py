@@ -22,8 +22,9 @@ reference and oracle):
      ``m``-th block (by index) equal to ``T`` is kept while ``sum(P > T) + m * T < cdf``.
 
    Ties (bitwise-equal scores) go to the lower key-block index, in both modes, as in the
-   reference's stable descending sort. The guards (diagonal, sink, non-self-similar key and
-   query blocks) are ORed in last.
+   reference's stable descending sort. Non-finite logits (NaN / inf in q or k) rank below every
+   finite one and are then kept anyway, as in the reference. The guards (diagonal, sink,
+   non-self-similar key and query blocks) are ORed in last.
 
 The kernel's float32 sums run in a different order than torch's, so a block whose pooled score
 lies within rounding (~1e-7 relative) of the top-k threshold or cdf boundary can be chosen
@@ -112,12 +113,15 @@ def block_select_fwd_kernel(
         scores += qd[:, None] * kd[None, :]  # [BI, BNK]
     logits = scores * scale
     valid = i_valid[:, None] & j_valid[None, :]  # [BI, BNK]
+    non_finite = ~(tl.abs(logits) < float("inf"))  # NaN or +-inf: kept, ranked last in the choice
+    logits = tl.where(non_finite, float("-inf"), logits)
 
     if MODE == 0:
         keep = _top_count(logits, j_valid, keep_count, BLOCK_I)
     else:
         keep = _top_mass(logits, j_valid, cdf, BLOCK_I)
 
+    keep = keep | non_finite
     if KEEP_DIAGONAL:
         keep = keep | (offs_i[:, None] == offs_j[None, :])
     if KEEP_SINK:

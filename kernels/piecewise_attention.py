@@ -114,7 +114,7 @@ def piecewise_attn_fwd_kernel(
             k_loc = start + tl.arange(0, BLOCK_N)
             key_mask = tl.broadcast_to((k_loc < n_vis)[None, :], (BLOCK_M, BLOCK_N))
             acc, l_i, m_i, l_apx = _rescaled_block(acc, l_i, m_i, l_apx, q, k_ptrs, v_ptrs, offs_d, vis_start + start,
-                                                   key_mask, seq_len, stride_ks, stride_vs, qk_scale,
+                                                   key_mask, vis_start + n_vis, stride_ks, stride_vs, qk_scale,
                                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
         n_whole = (text_stop - text_start) // BLOCK_N
         for i in range(n_whole):
@@ -127,7 +127,7 @@ def piecewise_attn_fwd_kernel(
             in_range = (tail + tl.arange(0, BLOCK_N)) < text_stop
             key_mask = tl.broadcast_to(in_range[None, :], (BLOCK_M, BLOCK_N))
             acc, l_i, m_i, l_apx = _rescaled_block(acc, l_i, m_i, l_apx, q, k_ptrs, v_ptrs, offs_d, tail,
-                                                   key_mask, seq_len, stride_ks, stride_vs, qk_scale,
+                                                   key_mask, text_stop, stride_ks, stride_vs, qk_scale,
                                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
 
         # 3. first-order term: scale * (l_apx / norm) * (q @ H)

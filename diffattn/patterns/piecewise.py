@@ -27,6 +27,16 @@ Everything is combined with the exact part through one running maximum. The Trit
 covers order 0 and the ``"pooled"``, ``"shared"`` and ``"lowrank"`` terms; ``"exact"`` costs as
 much as dense attention and runs in the reference only. Padded text keys (``key_padding``) are
 excluded for every query.
+
+Non-finite inputs: the selection keeps every block pair whose pooled score is not finite
+(BlockTopK's rule), so the query block of a NaN query is computed exactly against every key
+block, and the key block of a NaN key is critical (exact) for every query block. A NaN value
+reaches every visual row, exactly or through its block's value sum ``V_J``. So NaN in q, k or v
+gives NaN in the rows dense attention makes NaN (dense attends every key), and the other rows
+stay finite. An infinity is pooled coarsely: the block statistics (``V_J``, ``H_J``, the pooled
+and shared first-order sums) carry it to rows that dense attention keeps finite (an inf key
+whose score is -inf for that row), and an inf value may come out NaN instead of inf. A row that
+dense attention makes non-finite is never finite here.
 """
 
 from __future__ import annotations
@@ -169,6 +179,8 @@ def piecewise_attention_reference(
     text = torch.zeros(s, dtype=torch.bool, device=q.device)
     text[layout.text_start : layout.text_start + layout.text_len] = True
     kf, vf = k.float().transpose(1, 2), v.float().transpose(1, 2)  # [B, H, S, D]
+    if key_padding is not None:  # padded keys are never attended: their values must not reach p @ v as 0 * NaN
+        vf = vf.masked_fill(~key_padding[:, None, :, None], 0.0)
     out = torch.empty_like(q)
     lse = torch.empty(b, s, h, dtype=torch.float32, device=q.device)
     key_block = torch.clamp(torch.arange(s, device=q.device) - vs, 0, nv - 1) // blk
@@ -199,15 +211,17 @@ def piecewise_attention_reference(
             fo = pattern.first_order
             if fo == "exact":
                 qh = torch.einsum("bhcd,bhjde->bhcje", qc, stats["h"])  # [B, H, C, NK, D]
-                num = num + scale * torch.einsum("bhcj,bhcje->bhce", a, qh)
+                term = scale * torch.einsum("bhcj,bhcje->bhce", a, qh)
             elif fo == "lowrank":
                 proj = torch.einsum("bhcd,bhjdr->bhcjr", qc, stats["u"])  # [B, H, C, NK, r]
-                num = num + scale * torch.einsum("bhcjr,bhjer->bhce", a[..., None] * proj, stats["w"])
+                term = scale * torch.einsum("bhcjr,bhjer->bhce", a[..., None] * proj, stats["w"])
             elif fo == "pooled":  # (g_i / sum_J w_IJ |J|) q_i^T H~_I
                 qh = torch.einsum("bhcd,bhcde->bhce", qc, pooled_h[:, :, qblock])
-                num = num + scale * (den_approx / pooled_size[:, :, qblock])[..., None] * qh
+                term = scale * (den_approx / pooled_size[:, :, qblock])[..., None] * qh
             else:  # shared: (g_i / S) q_i^T sum_J H_J, with g_i the approximate mass
-                num = num + scale * (den_approx / nv)[..., None] * (qc @ stats["h_sum"])
+                term = scale * (den_approx / nv)[..., None] * (qc @ stats["h_sum"])
+            # text queries approximate nothing: no term at all (0 * a non-finite H would be NaN)
+            num = num + torch.where(is_text_q[:, None], 0.0, term)
         den = den_exact + den_approx
         out[:, start:stop] = (num / den[..., None]).transpose(1, 2).to(q.dtype)
         lse[:, start:stop] = (m[..., 0] + torch.log(den)).transpose(1, 2)

@@ -15,6 +15,12 @@ The top-k mode ranks the logits ``scale * q̄_I . k̄_J`` rather than P (the sam
 softmax is monotone, without the ties that rounding in exp can create). The Triton selection
 kernel (``diffattn.kernels.block_selection``) follows the same rules; this torch code is its
 reference.
+
+Non-finite pooled scores (NaN or +-inf, from NaN / inf in q or k) are kept, in addition to the
+top-k / cdf choice made among the finite scores (where they rank last): a key block holding a
+NaN key is then attended by every query block, and a query block holding a NaN query attends
+every key block. So a NaN in q or k makes exactly the rows NaN that dense attention makes NaN
+(never silently finite because the poisoned block was dropped), and the other rows stay exact.
 """
 
 from __future__ import annotations
@@ -132,6 +138,8 @@ class BlockTopK(Pattern):
         km = block_means(k_vis, self.block)
         logits = torch.matmul(qm, km.transpose(-1, -2)) * scale  # [B, H, NQ, NK]
         nq, nk = logits.shape[-2:]
+        non_finite = ~torch.isfinite(logits)  # kept below; ranked last (-inf) in the choice
+        logits = logits.masked_fill(non_finite, float("-inf"))
         if self.density is not None:
             ranked = logits.sort(dim=-1, descending=True, stable=True).indices  # ties: lower index first
             keep = torch.zeros_like(logits, dtype=torch.bool)
@@ -141,6 +149,7 @@ class BlockTopK(Pattern):
             before = torch.nn.functional.pad(sorted_p.cumsum(-1)[..., :-1], (1, 0))  # mass ranked above
             chosen = before < self.cdf  # the first block always; then until cdf is reached
             keep = torch.zeros_like(chosen).scatter_(-1, order, chosen)
+        keep |= non_finite
         if self.keep_diagonal:
             idx = torch.arange(min(nq, nk), device=keep.device)
             keep[..., idx, idx] = True
