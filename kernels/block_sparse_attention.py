@@ -29,14 +29,11 @@ score of an attended key makes the row NaN (``p`` is NaN there, whatever ``tl.ma
 NaN); masked scores are replaced by -inf before use, so a masked-out NaN key never leaks in; a
 key block whose scores are all -inf for a row adds nothing (as SDPA), and a row with nothing
 else gets out 0 and lse -inf. Key blocks are never read past the segment they belong to (the
-visual tokens, or the attended text), so keys outside it contribute exact zeros. Values are the
-one place masking alone is not enough: in a window's partial block a masked key has ``p == 0``
-and ``0 * NaN`` would reach the row through ``p @ v``. So window patterns (``MASK_KIND == 1``)
-launch the kernel twice: the normal pass, then an ``EXACT_V`` pass whose programs return at
-once unless ``VFlag`` says v holds a NaN or inf (one reduction over v, no host sync); when it
-does, that pass recomputes every row with the matrix product over the finite values plus each
-non-finite value added to the rows that attend its key. The normal pass's code is unchanged by
-this (the slow path would otherwise cost registers in the hot loop).
+visual tokens, or the attended text), so keys outside it contribute exact zeros. One place where
+masking cannot keep a value out: in a window's partial block a masked key has ``p == 0``, and a
+NaN / inf in its value reaches that block's other rows through ``p @ v`` (``0 * NaN``). Those
+rows become NaN although they do not attend the key (torch's SDPA with a boolean mask does the
+same, for every row); no row is ever silently finite. The hot loop has no extra work for this.
 """
 
 from __future__ import annotations
@@ -123,11 +120,9 @@ def _load_kv(k_ptrs, v_ptrs, offs_d, start_n, seq_len,
 
 
 @triton.jit
-def _softmax_update(acc, l_i, m_i, qk, v, key_mask, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, EXACT_V: tl.constexpr):
+def _softmax_update(acc, l_i, m_i, qk, v, key_mask, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold the scores ``qk`` [BM, BN] and values ``v`` [BN, BD] into one online softmax;
-    ``key_mask`` [BM, BN] is used when MASKED. With EXACT_V, masked keys' NaN / inf values do
-    not reach the rows (``_dot_exact_values``)."""
+    ``key_mask`` [BM, BN] is used when MASKED."""
     if MASKED:
         qk = tl.where(key_mask, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -136,32 +131,8 @@ def _softmax_update(acc, l_i, m_i, qk, v, key_mask, qk_scale, BLOCK_N: tl.conste
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if EXACT_V:
-        acc = _dot_exact_values(acc, p.to(v.dtype), v, key_mask, BLOCK_N, DOT_PRECISION)
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # [BM, BD]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # [BM, BD]
     return acc, l_i, m_new
-
-
-@triton.jit
-def _dot_exact_values(acc, p, v, key_mask, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc + p @ v`` [BM, BD] where a NaN / inf value reaches only the rows whose ``key_mask``
-    [BM, BN] attends its key (``p`` is 0 on masked keys and ``0 * NaN`` is NaN): the product runs
-    over the finite values, then each non-finite value adds ``p * value`` to the attending rows
-    (NaN, +-inf, or NaN for an attended key of weight 0, as IEEE arithmetic gives)."""
-    finite = tl.abs(v.to(tl.float32)) < float("inf")  # [BN, BD]
-    acc = tl.dot(p, tl.where(finite, v, 0.0).to(v.dtype), acc, input_precision=DOT_PRECISION)
-    if tl.min(finite.to(tl.int32)) == 0:  # this block holds a non-finite value
-        offs_n = tl.arange(0, BLOCK_N)
-        pf = p.to(tl.float32)
-        vf = v.to(tl.float32)
-        for j in range(BLOCK_N):
-            v_j = tl.sum(tl.where((offs_n == j)[:, None], vf, 0.0), 0)  # [BD]
-            p_j = tl.sum(tl.where((offs_n == j)[None, :], pf, 0.0), 1)  # [BM]
-            attends = tl.max(tl.where((offs_n == j)[None, :] & key_mask, 1, 0), 1) != 0  # [BM]
-            hit = attends[:, None] & ((tl.abs(v_j) < float("inf")) == 0)[None, :]  # [BM, BD]
-            acc = tl.where(hit, acc + p_j[:, None] * v_j[None, :], acc)
-    return acc
 
 
 @triton.jit
@@ -173,7 +144,7 @@ def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, start_n, key_mask, s
     k, v = _load_kv(k_ptrs, v_ptrs, offs_d, start_n, seq_len, stride_ks, stride_vs,
                     HEAD_DIM, BLOCK_D, BLOCK_N, MASKED, UPCAST)
     qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BM, BN]
-    return _softmax_update(acc, l_i, m_i, qk, v, key_mask, qk_scale, BLOCK_N, MASKED, DOT_PRECISION, False)
+    return _softmax_update(acc, l_i, m_i, qk, v, key_mask, qk_scale, MASKED, DOT_PRECISION)
 
 
 @triton.jit
@@ -273,7 +244,7 @@ def _query_block(Q, K, V, TextLens, pid_m, pid_bh, num_heads, vis_start, n_vis, 
 @triton.jit
 def block_sparse_attn_fwd_kernel(
     Q, K, V, Out, Lse,
-    FullNum, FullIdx, PartNum, PartIdx, Coords, TextLens, VFlag,
+    FullNum, FullIdx, PartNum, PartIdx, Coords, TextLens,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -289,68 +260,63 @@ def block_sparse_attn_fwd_kernel(
     qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, DILATED: tl.constexpr, PACKED_COORDS: tl.constexpr, HAS_TEXT_LENS: tl.constexpr,
-    EXTERNAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EXACT_V: tl.constexpr,
+    EXTERNAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    run = True
-    if EXACT_V:  # the exact-values pass (window patterns): only when v holds a NaN / inf
-        run = tl.load(VFlag) != 0
-    if run:
-        pid_m = tl.program_id(0)
-        b, h, is_visual, q_loc, rows, row_valid, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end = _query_block(
-            Q, K, V, TextLens, pid_m, tl.program_id(1), num_heads, vis_start, n_vis, dense_start, dense_len,
-            text_start, text_len, n_vis_q_blocks,
-            stride_qb, stride_qs, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-            HEAD_DIM, BLOCK_D, BLOCK_M, HAS_TEXT_LENS, UPCAST)
+    pid_m = tl.program_id(0)
+    b, h, is_visual, q_loc, rows, row_valid, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end = _query_block(
+        Q, K, V, TextLens, pid_m, tl.program_id(1), num_heads, vis_start, n_vis, dense_start, dense_len,
+        text_start, text_len, n_vis_q_blocks,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+        HEAD_DIM, BLOCK_D, BLOCK_M, HAS_TEXT_LENS, UPCAST)
 
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
 
-        if is_visual:
-            if MASK_KIND == 1:  # window starts of this block's queries, once for all key blocks
-                g_f, st_f, g_h, st_h, g_w, st_w = _window_starts(q_loc, grid_h, grid_w, n_f, k_f, s_f, r_f,
-                                                                 n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w)
-            acc, l_i, m_i = _attend_listed_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d,
-                                                  FullNum + b * stride_fnb + h * stride_fnh + pid_m * stride_fnm,
-                                                  FullIdx + b * stride_fib + h * stride_fih + pid_m * stride_fim,
-                                                  vis_start, seq_len, stride_ks, stride_vs, qk_scale,
-                                                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
-            pn_ptr = PartNum + b * stride_pnb + h * stride_pnh + pid_m * stride_pnm
-            pi_ptr = PartIdx + b * stride_pib + h * stride_pih + pid_m * stride_pim
-            for i in range(tl.load(pn_ptr)):
-                start = tl.load(pi_ptr + i) * BLOCK_N
-                k_loc = start + tl.arange(0, BLOCK_N)
-                key_mask = tl.broadcast_to((k_loc < n_vis)[None, :], (BLOCK_M, BLOCK_N))
-                if MASK_KIND == 1:
-                    inside = _window_inside(g_f, st_f, g_h, st_h, g_w, st_w, k_loc, Coords, n_vis, grid_h, grid_w,
-                                            k_f, r_f, k_h, r_h, k_w, r_w, DILATED, PACKED_COORDS)
-                    if EXTERNAL:  # the keys outside the window
-                        key_mask = key_mask & (inside == 0)
-                    else:
-                        key_mask = key_mask & inside
-                # never read past the visual keys (text keys there may be padding)
-                k, v = _load_kv(k_ptrs, v_ptrs, offs_d, vis_start + start, vis_start + n_vis, stride_ks, stride_vs,
-                                HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST)
-                qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BM, BN]
-                acc, l_i, m_i = _softmax_update(acc, l_i, m_i, qk, v, key_mask, qk_scale, BLOCK_N, True,
-                                                DOT_PRECISION, EXACT_V)
-            if not EXTERNAL:  # text keys are always internal
-                acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_start, text_stop,
-                                              stride_ks, stride_vs, qk_scale,
+    if is_visual:
+        if MASK_KIND == 1:  # window starts of this block's queries, once for all key blocks
+            g_f, st_f, g_h, st_h, g_w, st_w = _window_starts(q_loc, grid_h, grid_w, n_f, k_f, s_f, r_f,
+                                                             n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w)
+        acc, l_i, m_i = _attend_listed_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d,
+                                              FullNum + b * stride_fnb + h * stride_fnh + pid_m * stride_fnm,
+                                              FullIdx + b * stride_fib + h * stride_fih + pid_m * stride_fim,
+                                              vis_start, seq_len, stride_ks, stride_vs, qk_scale,
                                               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
-        else:
-            acc, l_i, m_i = _attend_all_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end, seq_len,
-                                             stride_ks, stride_vs, qk_scale,
-                                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_TEXT_LENS, UPCAST, DOT_PRECISION)
+        pn_ptr = PartNum + b * stride_pnb + h * stride_pnh + pid_m * stride_pnm
+        pi_ptr = PartIdx + b * stride_pib + h * stride_pih + pid_m * stride_pim
+        for i in range(tl.load(pn_ptr)):
+            start = tl.load(pi_ptr + i) * BLOCK_N
+            k_loc = start + tl.arange(0, BLOCK_N)
+            key_mask = tl.broadcast_to((k_loc < n_vis)[None, :], (BLOCK_M, BLOCK_N))
+            if MASK_KIND == 1:
+                inside = _window_inside(g_f, st_f, g_h, st_h, g_w, st_w, k_loc, Coords, n_vis, grid_h, grid_w,
+                                        k_f, r_f, k_h, r_h, k_w, r_w, DILATED, PACKED_COORDS)
+                if EXTERNAL:  # the keys outside the window
+                    key_mask = key_mask & (inside == 0)
+                else:
+                    key_mask = key_mask & inside
+            # never read past the visual keys (text keys there may be padding)
+            k, v = _load_kv(k_ptrs, v_ptrs, offs_d, vis_start + start, vis_start + n_vis, stride_ks, stride_vs,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST)
+            qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BM, BN]
+            acc, l_i, m_i = _softmax_update(acc, l_i, m_i, qk, v, key_mask, qk_scale, True, DOT_PRECISION)
+        if not EXTERNAL:  # text keys are always internal
+            acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_start, text_stop,
+                                          stride_ks, stride_vs, qk_scale,
+                                          HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+    else:
+        acc, l_i, m_i = _attend_all_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end, seq_len,
+                                         stride_ks, stride_vs, qk_scale,
+                                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_TEXT_LENS, UPCAST, DOT_PRECISION)
 
-        _store_rows(Out, Lse, acc, l_i, m_i, b, h, rows, row_valid, offs_d,
-                    stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, HEAD_DIM)
+    _store_rows(Out, Lse, acc, l_i, m_i, b, h, rows, row_valid, offs_d,
+                stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, HEAD_DIM)
 
 
 @triton.jit
 def block_sparse_partials_fwd_kernel(
     Q, K, V, OutIn, LseIn, OutEx, LseEx,
-    FullNum, FullIdx, PartNum, PartIdx, ExtNum, ExtIdx, ExtTail, Coords, TextLens, VFlag,
+    FullNum, FullIdx, PartNum, PartIdx, ExtNum, ExtIdx, ExtTail, Coords, TextLens,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -369,89 +335,82 @@ def block_sparse_partials_fwd_kernel(
     qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, DILATED: tl.constexpr, PACKED_COORDS: tl.constexpr, HAS_TEXT_LENS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EXACT_V: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Internal and external partials in one pass over the key blocks.
 
     The internal layout (FullNum .. PartIdx) lists the pattern's key blocks; ExtNum / ExtIdx list
     the key blocks wholly outside it, except a short last key block, which ExtTail (0 / 1 per query
     block) marks. Every visual key block appears in exactly one of the three lists. Out and Lse of
-    both partials share strides. With EXACT_V the program runs only when ``VFlag`` is set, and
-    keeps masked keys' NaN / inf values out of the rows (see the module docstring).
+    both partials share strides.
     """
-    run = True
-    if EXACT_V:  # the exact-values pass (window patterns): only when v holds a NaN / inf
-        run = tl.load(VFlag) != 0
-    if run:
-        pid_m = tl.program_id(0)
-        b, h, is_visual, q_loc, rows, row_valid, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end = _query_block(
-            Q, K, V, TextLens, pid_m, tl.program_id(1), num_heads, vis_start, n_vis, dense_start, dense_len,
-            text_start, text_len, n_vis_q_blocks,
-            stride_qb, stride_qs, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-            HEAD_DIM, BLOCK_D, BLOCK_M, HAS_TEXT_LENS, UPCAST)
+    pid_m = tl.program_id(0)
+    b, h, is_visual, q_loc, rows, row_valid, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end = _query_block(
+        Q, K, V, TextLens, pid_m, tl.program_id(1), num_heads, vis_start, n_vis, dense_start, dense_len,
+        text_start, text_len, n_vis_q_blocks,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+        HEAD_DIM, BLOCK_D, BLOCK_M, HAS_TEXT_LENS, UPCAST)
 
-        m_in = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_in = tl.zeros((BLOCK_M,), tl.float32)
-        acc_in = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        m_ex = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_ex = tl.zeros((BLOCK_M,), tl.float32)
-        acc_ex = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m_in = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_in = tl.zeros((BLOCK_M,), tl.float32)
+    acc_in = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m_ex = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_ex = tl.zeros((BLOCK_M,), tl.float32)
+    acc_ex = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
 
-        if is_visual:
+    if is_visual:
+        if MASK_KIND == 1:
+            g_f, st_f, g_h, st_h, g_w, st_w = _window_starts(q_loc, grid_h, grid_w, n_f, k_f, s_f, r_f,
+                                                             n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w)
+        # the pattern's full blocks: internal only
+        acc_in, l_in, m_in = _attend_listed_blocks(acc_in, l_in, m_in, q, k_ptrs, v_ptrs, offs_d,
+                                                   FullNum + b * stride_fnb + h * stride_fnh + pid_m * stride_fnm,
+                                                   FullIdx + b * stride_fib + h * stride_fih + pid_m * stride_fim,
+                                                   vis_start, seq_len, stride_ks, stride_vs, qk_scale,
+                                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+        # the pattern's partial blocks: one score tile, split by the window mask
+        pn_ptr = PartNum + b * stride_pnb + h * stride_pnh + pid_m * stride_pnm
+        pi_ptr = PartIdx + b * stride_pib + h * stride_pih + pid_m * stride_pim
+        for i in range(tl.load(pn_ptr)):
+            start = tl.load(pi_ptr + i) * BLOCK_N
+            k_loc = start + tl.arange(0, BLOCK_N)
+            in_seq = tl.broadcast_to((k_loc < n_vis)[None, :], (BLOCK_M, BLOCK_N))
+            k, v = _load_kv(k_ptrs, v_ptrs, offs_d, vis_start + start, vis_start + n_vis, stride_ks, stride_vs,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST)
+            qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BM, BN]
             if MASK_KIND == 1:
-                g_f, st_f, g_h, st_h, g_w, st_w = _window_starts(q_loc, grid_h, grid_w, n_f, k_f, s_f, r_f,
-                                                                 n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w)
-            # the pattern's full blocks: internal only
-            acc_in, l_in, m_in = _attend_listed_blocks(acc_in, l_in, m_in, q, k_ptrs, v_ptrs, offs_d,
-                                                       FullNum + b * stride_fnb + h * stride_fnh + pid_m * stride_fnm,
-                                                       FullIdx + b * stride_fib + h * stride_fih + pid_m * stride_fim,
-                                                       vis_start, seq_len, stride_ks, stride_vs, qk_scale,
-                                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
-            # the pattern's partial blocks: one score tile, split by the window mask
-            pn_ptr = PartNum + b * stride_pnb + h * stride_pnh + pid_m * stride_pnm
-            pi_ptr = PartIdx + b * stride_pib + h * stride_pih + pid_m * stride_pim
-            for i in range(tl.load(pn_ptr)):
-                start = tl.load(pi_ptr + i) * BLOCK_N
-                k_loc = start + tl.arange(0, BLOCK_N)
-                in_seq = tl.broadcast_to((k_loc < n_vis)[None, :], (BLOCK_M, BLOCK_N))
-                k, v = _load_kv(k_ptrs, v_ptrs, offs_d, vis_start + start, vis_start + n_vis, stride_ks, stride_vs,
-                                HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST)
-                qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BM, BN]
-                if MASK_KIND == 1:
-                    inside = _window_inside(g_f, st_f, g_h, st_h, g_w, st_w, k_loc, Coords, n_vis, grid_h, grid_w,
-                                            k_f, r_f, k_h, r_h, k_w, r_w, DILATED, PACKED_COORDS)
-                    acc_in, l_in, m_in = _softmax_update(acc_in, l_in, m_in, qk, v, in_seq & inside, qk_scale,
-                                                         BLOCK_N, True, DOT_PRECISION, EXACT_V)
-                    acc_ex, l_ex, m_ex = _softmax_update(acc_ex, l_ex, m_ex, qk, v, in_seq & (inside == 0), qk_scale,
-                                                         BLOCK_N, True, DOT_PRECISION, EXACT_V)
-                else:  # block-granular patterns: partial only through the sequence bounds
-                    acc_in, l_in, m_in = _softmax_update(acc_in, l_in, m_in, qk, v, in_seq, qk_scale, BLOCK_N, True,
-                                                         DOT_PRECISION, False)
-            # the blocks outside the pattern: external only
-            acc_ex, l_ex, m_ex = _attend_listed_blocks(acc_ex, l_ex, m_ex, q, k_ptrs, v_ptrs, offs_d,
-                                                       ExtNum + b * stride_enb + h * stride_enh + pid_m * stride_enm,
-                                                       ExtIdx + b * stride_eib + h * stride_eih + pid_m * stride_eim,
-                                                       vis_start, seq_len, stride_ks, stride_vs, qk_scale,
-                                                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
-            if tl.load(ExtTail + b * stride_etb + h * stride_eth + pid_m * stride_etm) != 0:
-                start = (n_vis // BLOCK_N) * BLOCK_N
-                in_seq = tl.broadcast_to(((start + tl.arange(0, BLOCK_N)) < n_vis)[None, :], (BLOCK_M, BLOCK_N))
-                acc_ex, l_ex, m_ex = _attend_block(acc_ex, l_ex, m_ex, q, k_ptrs, v_ptrs, offs_d, vis_start + start, in_seq,
-                                                   vis_start + n_vis, stride_ks, stride_vs, qk_scale,
-                                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
-            # text keys are always internal
-            acc_in, l_in, m_in = _attend_range(acc_in, l_in, m_in, q, k_ptrs, v_ptrs, offs_d, text_start, text_stop,
-                                               stride_ks, stride_vs, qk_scale,
-                                               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
-        else:  # dense rows have no external keys: their external partial stays empty
-            acc_in, l_in, m_in = _attend_all_keys(acc_in, l_in, m_in, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end, seq_len,
-                                                  stride_ks, stride_vs, qk_scale,
-                                                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_TEXT_LENS, UPCAST, DOT_PRECISION)
+                inside = _window_inside(g_f, st_f, g_h, st_h, g_w, st_w, k_loc, Coords, n_vis, grid_h, grid_w,
+                                        k_f, r_f, k_h, r_h, k_w, r_w, DILATED, PACKED_COORDS)
+                acc_in, l_in, m_in = _softmax_update(acc_in, l_in, m_in, qk, v, in_seq & inside, qk_scale, True, DOT_PRECISION)
+                acc_ex, l_ex, m_ex = _softmax_update(acc_ex, l_ex, m_ex, qk, v, in_seq & (inside == 0), qk_scale,
+                                                     True, DOT_PRECISION)
+            else:  # block-granular patterns: partial only through the sequence bounds
+                acc_in, l_in, m_in = _softmax_update(acc_in, l_in, m_in, qk, v, in_seq, qk_scale, True, DOT_PRECISION)
+        # the blocks outside the pattern: external only
+        acc_ex, l_ex, m_ex = _attend_listed_blocks(acc_ex, l_ex, m_ex, q, k_ptrs, v_ptrs, offs_d,
+                                                   ExtNum + b * stride_enb + h * stride_enh + pid_m * stride_enm,
+                                                   ExtIdx + b * stride_eib + h * stride_eih + pid_m * stride_eim,
+                                                   vis_start, seq_len, stride_ks, stride_vs, qk_scale,
+                                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+        if tl.load(ExtTail + b * stride_etb + h * stride_eth + pid_m * stride_etm) != 0:
+            start = (n_vis // BLOCK_N) * BLOCK_N
+            in_seq = tl.broadcast_to(((start + tl.arange(0, BLOCK_N)) < n_vis)[None, :], (BLOCK_M, BLOCK_N))
+            acc_ex, l_ex, m_ex = _attend_block(acc_ex, l_ex, m_ex, q, k_ptrs, v_ptrs, offs_d, vis_start + start, in_seq,
+                                               vis_start + n_vis, stride_ks, stride_vs, qk_scale,
+                                               HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
+        # text keys are always internal
+        acc_in, l_in, m_in = _attend_range(acc_in, l_in, m_in, q, k_ptrs, v_ptrs, offs_d, text_start, text_stop,
+                                           stride_ks, stride_vs, qk_scale,
+                                           HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+    else:  # dense rows have no external keys: their external partial stays empty
+        acc_in, l_in, m_in = _attend_all_keys(acc_in, l_in, m_in, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end, seq_len,
+                                              stride_ks, stride_vs, qk_scale,
+                                              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_TEXT_LENS, UPCAST, DOT_PRECISION)
 
-        _store_rows(OutIn, LseIn, acc_in, l_in, m_in, b, h, rows, row_valid, offs_d,
-                    stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, HEAD_DIM)
-        _store_rows(OutEx, LseEx, acc_ex, l_ex, m_ex, b, h, rows, row_valid, offs_d,
-                    stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, HEAD_DIM)
+    _store_rows(OutIn, LseIn, acc_in, l_in, m_in, b, h, rows, row_valid, offs_d,
+                stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, HEAD_DIM)
+    _store_rows(OutEx, LseEx, acc_ex, l_ex, m_ex, b, h, rows, row_valid, offs_d,
+                stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, HEAD_DIM)
 
 
 @triton.jit

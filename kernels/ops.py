@@ -53,19 +53,6 @@ def packed_coords(frames: int, height: int, width: int, device: str) -> torch.Te
     return (f | h | w).reshape(-1).to(device)
 
 
-def nonfinite_flag(v: torch.Tensor) -> torch.Tensor:
-    """``int32 [1]`` on v's device, nonzero when v may hold a NaN or inf: the float32 sum of v is
-    not finite (never misses a NaN / inf; a sum that merely overflows only costs the exact pass).
-    One read of v and no host sync; it gates the window kernels' exact-values pass."""
-    return (~torch.isfinite(v.sum(dtype=torch.float32))).to(torch.int32).reshape(1)
-
-
-def exact_values_pass(mask_kind: int, geometry: list[int]) -> bool:
-    """Whether a block-sparse launch needs the exact-values pass: element masks (a window) inside
-    key blocks, where a masked key's NaN / inf value would otherwise reach rows through ``p @ v``."""
-    return mask_kind == 1 and geometry[1] > 0
-
-
 def _check_layout_tensor(name: str, t: torch.Tensor, dims: int, device: torch.device) -> None:
     if t.dtype != torch.int32 or t.dim() != dims or t.device != device:
         raise ValueError(f"{name} must be int32 with {dims} dims on {device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
@@ -89,9 +76,7 @@ def _block_sparse_launch(q, k, v, out, lse, layout, geometry: list[int], window:
                          ) -> tuple[tuple, list, dict]:
     """What both block-sparse kernels share: (grid, the arguments after q, k, v and the outputs,
     compile-time flags and launch configuration). ``out`` / ``lse``: one partial's outputs (the
-    others share their strides); ``dense_rows``: run the text query blocks (the dense rows).
-    Launch with ``EXACT_V=False``, then, for a window (``exact_values_pass``), once more with
-    ``EXACT_V=True``: that pass does work only when v holds a NaN or inf."""
+    others share their strides); ``dense_rows``: run the text query blocks (the dense rows)."""
     batch, seq_len, heads, head_dim = q.shape
     vis_start, n_vis, text_start, text_len, grid_h, grid_w = geometry
     n_vis_q_blocks = triton.cdiv(n_vis, block_q) if n_vis else 0
@@ -99,12 +84,10 @@ def _block_sparse_launch(q, k, v, out, lse, layout, geometry: list[int], window:
     if not dense_rows:
         dense_len = 0
     grid = (n_vis_q_blocks + triton.cdiv(dense_len, block_q), batch * heads)
-    coords = v_flag = None
+    coords = None
     if mask_kind == 1 and n_vis:
         coords = packed_coords(n_vis // (grid_h * grid_w), grid_h, grid_w, str(q.device))
-        v_flag = nonfinite_flag(v)
-    args = [*layout, layout[0] if coords is None else coords, layout[0] if text_lens is None else text_lens,
-            layout[0] if v_flag is None else v_flag]
+    args = [*layout, layout[0] if coords is None else coords, layout[0] if text_lens is None else text_lens]
     for t in (q, k, v, out, lse):
         args += [t.stride(0), t.stride(1), t.stride(2)]
     for t in layout:  # a dim of size 1 broadcasts over the batch or the heads
@@ -164,10 +147,6 @@ def block_sparse_attention(
             visual queries over the visual keys outside the pattern; text rows get out 0 and
             lse -inf.
 
-    A window (``mask_kind == 1``) launches the kernel a second time with ``EXACT_V``; that pass
-    does work only when v holds a NaN or inf (``nonfinite_flag``), and then keeps masked keys'
-    non-finite values out of the rows.
-
     Returns:
         ``out [B, S, H, D]`` (q's dtype) and ``lse [B, S, H]`` float32.
     """
@@ -182,8 +161,7 @@ def block_sparse_attention(
         lse[:, text_start : text_start + text_len].fill_(float("-inf"))
     grid, args, flags = _block_sparse_launch(q, k, v, out, lse, tuple(layout.values()), geometry, window, mask_kind,
                                              scale, block_q, block_k, text_lens, dense_rows=not external)
-    for exact_v in (False, True) if exact_values_pass(mask_kind, geometry) else (False,):
-        block_sparse_attn_fwd_kernel[grid](q, k, v, out, lse, *args, EXTERNAL=external, EXACT_V=exact_v, **flags)
+    block_sparse_attn_fwd_kernel[grid](q, k, v, out, lse, *args, EXTERNAL=external, **flags)
     return out, lse
 
 
@@ -238,8 +216,7 @@ def block_sparse_partials(
     lse_in, lse_ex = (torch.empty((batch, seq_len, heads), dtype=torch.float32, device=q.device) for _ in range(2))
     grid, args, flags = _block_sparse_launch(q, k, v, out_in, lse_in, tuple(layout.values()), geometry, window,
                                              mask_kind, scale, block_q, block_k, text_lens, dense_rows=True)
-    for exact_v in (False, True) if exact_values_pass(mask_kind, geometry) else (False,):
-        block_sparse_partials_fwd_kernel[grid](q, k, v, out_in, lse_in, out_ex, lse_ex, *args, EXACT_V=exact_v, **flags)
+    block_sparse_partials_fwd_kernel[grid](q, k, v, out_in, lse_in, out_ex, lse_ex, *args, **flags)
     return out_in, lse_in, out_ex, lse_ex
 
 
