@@ -209,16 +209,6 @@ def test_real_shapes_on_meta_device():
     assert all(model.attn_processors[n] is p for n, p in before.items())
 
 
-def test_ltx2_is_not_claimed():
-    """LTX-2 (audio + video) needs its own adapter; until then apply refuses it plainly."""
-    from diffusers import LTX2VideoTransformer3DModel
-
-    with torch.device("meta"):
-        model = LTX2VideoTransformer3DModel(num_layers=1)
-    with pytest.raises(ValueError, match="no adapter for LTX2VideoTransformer3DModel"):
-        diffattn.apply(model, Dense())
-
-
 def test_processor_declares_diffusers_parameters():
     """diffusers' LTXAttention.forward filters keyword arguments by the processor's signature."""
     import inspect
