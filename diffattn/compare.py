@@ -129,10 +129,11 @@ class AttentionProbe:
     def wrap(self, pipe) -> int:
         """Wrap the cores of every diffattn processor in ``pipe``; returns how many."""
         from .generate import _transformers
+        from .integration.processors import attn_processors
 
         count = 0
         for attr, transformer in _transformers(pipe).items():
-            for name, proc in transformer.attn_processors.items():
+            for name, proc in attn_processors(transformer).items():
                 core = getattr(proc, "core", None)
                 if core is not None and hasattr(core, "attend") and not isinstance(core, _ProbeCore):
                     proc.core = _ProbeCore(core, self, f"{attr}.{name}")

@@ -157,12 +157,12 @@ def test_bad_models(tmp_path):
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
     with pytest.raises(ValueError, match="StableDiffusionPipeline pipeline without a transformer"):
         load_pipeline(unet)
-    mochi = tmp_path / "mochi"
-    mochi.mkdir()
-    (mochi / "model_index.json").write_text(json.dumps({
-        "_class_name": "MochiPipeline", "transformer": ["diffusers", "MochiTransformer3DModel"]}))
-    with pytest.raises(ValueError, match="no adapter for MochiTransformer3DModel"):
-        load_pipeline(mochi)
+    other = tmp_path / "other"  # a transformer class diffattn has no adapter for
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({
+        "_class_name": "OtherPipeline", "transformer": ["diffusers", "OtherTransformer3DModel"]}))
+    with pytest.raises(ValueError, match="no adapter for OtherTransformer3DModel"):
+        load_pipeline(other)
     with pytest.raises(TypeError, match="preset must be"):
         load_pipeline(None, 3)
     with pytest.raises(PresetError, match="unknown preset 'wan-topk'"):

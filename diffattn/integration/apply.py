@@ -1,6 +1,7 @@
 """``diffattn.apply`` / ``diffattn.remove``: install sparse self-attention into a diffusers model.
 
-Only diffusers' public extension points are used: ``set_attn_processor`` for the processors and
+Only diffusers' public extension points are used: ``set_attn_processor`` for the processors (or,
+for transformers without it, each attention module's own processor slot; see ``processors``) and
 a ``diffusers.hooks`` ``ModelHook`` on the transformer for the generation state.
 """
 
@@ -16,6 +17,7 @@ from ..patterns.base import Pattern
 from .core import Schedule, SparseAttentionCore
 from .step_cache import StepCache
 from .families import all_adapters
+from .processors import attn_processors, set_attn_processors
 from .state import HOOK_NAME, GenerationState, GenerationStateHook
 
 TRANSFORMER_ATTRS = ("transformer", "transformer_2")  # Wan 2.2 has two experts
@@ -113,7 +115,7 @@ def apply(target, pattern: Pattern, *, dense_steps: int = 0, dense_layers: int =
     replaced, states = {}, {}
     for attr, transformer in transformers.items():
         processors, names, state = _install_state(transformer, adapters[attr], pattern, schedule, impl, scheduler, cache)
-        transformer.set_attn_processor(processors)
+        set_attn_processors(transformer, processors)
         replaced[attr], states[attr] = names, state
     family = next(iter(adapters.values())).name
     return SparseHandle(family, pattern, schedule, impl, replaced, states, cache)
@@ -160,7 +162,7 @@ def _install_state(transformer, adapter, pattern, schedule, impl, scheduler, cac
     if _installed_hook(transformer) is not None:
         _remove_one(transformer)
     state = GenerationState()
-    original = dict(transformer.attn_processors)
+    original = attn_processors(transformer)
     processors = dict(original)
     names = adapter.sparse_processor_names(transformer)
     layers = adapter.processor_layers(transformer) if hasattr(adapter, "processor_layers") else range(len(names))
@@ -189,13 +191,13 @@ def move_state_hook_outermost(transformer: torch.nn.Module) -> None:
 
 def _remove_one(transformer: torch.nn.Module) -> None:
     hook = _installed_hook(transformer)
-    current = transformer.attn_processors
+    current = attn_processors(transformer)
     for name, proc in hook.original_processors.items():
         # enable_parallelism after apply configured diffattn's processors only: hand the setting on
         config = getattr(current.get(name), "_parallel_config", None)
         if config is not None and hasattr(proc, "_parallel_config") and proc._parallel_config is None:
             proc._parallel_config = config
-    transformer.set_attn_processor(hook.original_processors)
+    set_attn_processors(transformer, hook.original_processors)
     transformer._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
 
 
