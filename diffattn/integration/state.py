@@ -5,7 +5,10 @@ records the token layout of the call and the denoising step index. The step inde
 the pipeline's scheduler when diffattn was applied to a pipeline (the position of the call's
 timestep in ``scheduler.timesteps``, so CFG calls of one step share it and every generation
 starts at 0); applied to a bare transformer it counts timestep changes and starts again when
-the timestep goes up (a new generation).
+the timestep goes up (a new generation). Some pipelines hand the transformer their timestep in
+other units than the scheduler's (Cosmos 2 passes ``sigma / (sigma + 1)`` beside ``1000 * sigma``
+timesteps): a timestep that is not on the schedule (further from every entry than low-precision
+rounding) takes the scheduler's own ``step_index`` (0 before its first step) instead.
 """
 
 from __future__ import annotations
@@ -86,6 +89,22 @@ def match_step(timesteps: torch.Tensor, t: float, scheduler=None) -> int:
     return best
 
 
+def on_schedule(timesteps: torch.Tensor, index: int, t: float) -> bool:
+    """Whether ``t`` is entry ``index`` of ``timesteps`` up to bf16 rounding (of either value)."""
+    entry = float(timesteps[index])
+    return abs(entry - t) <= max(abs(entry), abs(t)) * 2.0**-7 + 1e-12
+
+
+def scheduler_step(scheduler, num_steps: int) -> int:
+    """The step the scheduler is about to take: its ``step_index`` (None before the first
+    ``step()`` of a generation: its ``begin_index``, else 0), within ``[0, num_steps)``."""
+    for name in ("step_index", "begin_index"):
+        index = getattr(scheduler, name, None)
+        if isinstance(index, int):
+            return min(max(index, 0), num_steps - 1)
+    return 0
+
+
 class GenerationStateHook(ModelHook):
     """Records the token layout and step index before each transformer forward."""
 
@@ -113,6 +132,8 @@ class GenerationStateHook(ModelHook):
         timesteps = getattr(self.scheduler, "timesteps", None) if self.scheduler is not None else None
         if t is not None and timesteps is not None and len(timesteps):
             state.step = match_step(timesteps, t, self.scheduler)
+            if not on_schedule(timesteps, state.step, t):
+                state.step = scheduler_step(self.scheduler, len(timesteps))
             state.num_steps = len(timesteps)
         elif t is not None:
             if state.timestep is None or t > state.timestep:
