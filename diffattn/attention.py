@@ -247,7 +247,7 @@ def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: flo
     elif not pattern.static:
         keep = _select(pattern, q, k, layout, scale, selection, "triton")
         classes = selected_classes(keep, pattern.block, block_q, block_k, layout.num_visual)
-        blocks = BlockLayout.from_classes(classes, block_q, block_k, layout.num_visual)
+        blocks = BlockLayout.from_classes(classes, block_q, block_k, layout.num_visual, fixed_width=True)
         tensors = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
         geometry = [layout.visual_start, layout.num_visual, layout.text_start, layout.text_len, grid_h, grid_w]
         mask_kind, params = 0, ()
@@ -272,21 +272,34 @@ def _piecewise_triton(q, k, v, pattern: Piecewise, layout: TokenLayout, scale: f
     vs, nv, blk = layout.visual_start, layout.num_visual, pattern.block
     q_vis, k_vis, v_vis = q[:, vs : vs + nv], k[:, vs : vs + nv], v[:, vs : vs + nv]
     keep = _select(pattern, q, k, layout, scale, selection, "triton")
-    blocks = BlockLayout.from_classes(selected_classes(keep, blk, blk, blk, nv), blk, blk, nv)
+    blocks = BlockLayout.from_classes(selected_classes(keep, blk, blk, blk, nv), blk, blk, nv, fixed_width=True)
     stats = block_statistics(k_vis, v_vis, blk, first_order, pattern.rank)
-    dummy = torch.zeros(1, device=q.device)
-    h_mat, h_norm, norm, kind = dummy, dummy, 1.0, 0
-    if first_order == "pooled":
-        h_mat, h_norm = pooled_first_order(q_vis, keep, stats, blk, scale)
-        kind = 1
-    elif first_order == "shared":
-        h_mat, norm, kind = stats["h_sum"][:, :, None], float(nv), 2
-    elif first_order == "lowrank":
-        kind = 3
-    return piecewise_attention(
+    kind = {None: 0, "pooled": 1, "shared": 2, "lowrank": 3}[first_order]
+    out, lse, share = piecewise_attention(
         q, k, v, blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx, keep.to(torch.int8),
-        stats["k_mean"], stats["v_sum"], stats["size"], h_mat, h_norm,
-        [vs, nv, layout.text_start, layout.text_len], scale, blk, kind, norm, text_lens, stats.get("u"), stats.get("w"))
+        stats["k_mean"], stats["v_sum"], stats["size"], [vs, nv, layout.text_start, layout.text_len], scale, blk,
+        kind, text_lens, stats.get("u"), stats.get("w"))
+    if first_order in ("pooled", "shared"):
+        out[:, vs : vs + nv] += _first_order_term(q_vis, share[:, vs : vs + nv], keep, stats, first_order, blk,
+                                                  scale).to(out.dtype)
+    return out, lse
+
+
+def _first_order_term(q_vis, share, keep, stats: dict, first_order: str, block: int, scale: float) -> torch.Tensor:
+    """The pooled / shared first-order numerator term divided by each row's denominator:
+    ``scale * (share / norm) * (q @ H)`` ``[B, N, H, D]`` float32, with ``share = l_approx / l`` from
+    the kernel, ``H`` the query block's pooled matrix (``norm`` its pooled size) or the head's sum
+    over all blocks (``norm = N``). A batched matrix product outside the kernel (O(S d^2))."""
+    b, n, h, d = q_vis.shape
+    if first_order == "shared":
+        qh = torch.einsum("bnhd,bhde->bnhe", q_vis.float(), stats["h_sum"])
+        return (scale / n) * share[..., None] * qh
+    pooled_h, pooled_size = pooled_first_order(q_vis, keep, stats, block, scale)  # [B, H, NQ, D, D], [B, H, NQ]
+    nq = pooled_h.shape[2]
+    q_blocks = torch.nn.functional.pad(q_vis.float(), (0, 0, 0, 0, 0, nq * block - n)).view(b, nq, block, h, d)
+    qh = torch.einsum("bnthd,bhnde->bnthe", q_blocks, pooled_h).reshape(b, nq * block, h, d)[:, :n]
+    norm = pooled_size.transpose(1, 2).repeat_interleave(block, dim=1)[:, :n]  # [B, N, H]
+    return scale * (share / norm)[..., None] * qh
 
 
 def attention(

@@ -19,10 +19,14 @@ import torch
 from .patterns.base import EMPTY, FULL, PARTIAL, Pattern, as_grid3, block_sizes, num_blocks, pattern_from_spec
 
 
-def _indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool ``[..., NQ, NK]`` -> (count ``int32 [..., NQ]``, ascending indices ``int32 [..., NQ, max(1, count)]``)."""
+def _indices(selected: torch.Tensor, fixed_width: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool ``[..., NQ, NK]`` -> (count ``int32 [..., NQ]``, ascending indices ``int32 [..., NQ, W]``)
+    with ``W = max(1, count)``, or ``W = NK`` with ``fixed_width`` (no device value read on the host)."""
     count = selected.sum(-1, dtype=torch.int32)
-    width = max(1, int(count.max()) if count.numel() else 1)
+    if fixed_width:
+        width = max(1, selected.shape[-1])
+    else:
+        width = max(1, int(count.max()) if count.numel() else 1)
     order = torch.argsort(selected.to(torch.int8), dim=-1, descending=True, stable=True)
     return count, order[..., :width].to(torch.int32).contiguous()
 
@@ -50,11 +54,14 @@ class BlockLayout:
     part_idx: torch.Tensor
 
     @classmethod
-    def from_classes(cls, classes: torch.Tensor, block_q: int, block_k: int, num_tokens: int) -> "BlockLayout":
+    def from_classes(cls, classes: torch.Tensor, block_q: int, block_k: int, num_tokens: int,
+                     fixed_width: bool = False) -> "BlockLayout":
         """From EMPTY/PARTIAL/FULL classes ``int8 [NQ, NK]`` or ``[Z, Hz, NQ, NK]``.
 
         A non-empty last key block shorter than ``block_k`` is made partial: the kernel must
-        mask the keys past the end.
+        mask the keys past the end. ``fixed_width``: index lists ``NK`` wide instead of as wide as
+        the longest list, so building reads nothing back from the device (layouts of dynamic
+        patterns, built on every call; the kernel reads the counts).
         """
         if classes.dim() == 2:
             classes = classes[None, None]
@@ -65,8 +72,8 @@ class BlockLayout:
             last = classes[..., -1]
             classes = classes.clone()
             classes[..., -1] = torch.where(last == FULL, torch.full_like(last, PARTIAL), last)
-        full_num, full_idx = _indices(classes == FULL)
-        part_num, part_idx = _indices(classes == PARTIAL)
+        full_num, full_idx = _indices(classes == FULL, fixed_width)
+        part_num, part_idx = _indices(classes == PARTIAL, fixed_width)
         return cls(block_q, block_k, num_tokens, full_num, full_idx, part_num, part_idx)
 
     @property

@@ -21,7 +21,7 @@ import torch
 from .attention import (_check, _check_selection_use, _check_text_lens, _scale, _select, attention, choose_impl,
                         in_kernel_order, in_raster_order, kernel_blocks, tile_order_of)
 from .block_layout import BlockLayout, build_block_layout, check_block_sizes, complement_layout_tensors, layout_tensors
-from .patterns.base import EMPTY, FULL, Pattern, as_grid3, pattern_from_spec
+from .patterns.base import EMPTY, FULL, MASK_BOUNDS, Pattern, as_grid3, pattern_from_spec
 from .patterns.piecewise import Piecewise
 from .patterns.topk import selected_classes, selected_mask_mod
 from .reference import masked_attention_reference
@@ -94,13 +94,14 @@ def _geometry(layout: TokenLayout) -> list[int]:
     return [layout.visual_start, layout.num_visual, layout.text_start, layout.text_len, grid_h, grid_w]
 
 
-def external_only_layout(classes: torch.Tensor, block_q: int, block_k: int, num_tokens: int) -> BlockLayout:
+def external_only_layout(classes: torch.Tensor, block_q: int, block_k: int, num_tokens: int,
+                         fixed_width: bool = False) -> BlockLayout:
     """The key blocks wholly outside a pattern (its EMPTY ``classes``, ``int8 [..., NQ, NK]``) as a
     BlockLayout: ``full_*`` lists them, ``part_*`` holds the last key block when it is shorter
-    than ``block_k`` (the kernel then masks the sequence bounds)."""
-    outside = torch.where(classes == EMPTY, torch.tensor(FULL, dtype=torch.int8, device=classes.device),
-                          torch.tensor(EMPTY, dtype=torch.int8, device=classes.device))
-    return BlockLayout.from_classes(outside, block_q, block_k, num_tokens)
+    than ``block_k`` (the kernel then masks the sequence bounds). ``fixed_width`` as for
+    ``BlockLayout.from_classes``."""
+    outside = (classes == EMPTY).to(torch.int8) * (FULL - EMPTY) + EMPTY
+    return BlockLayout.from_classes(outside, block_q, block_k, num_tokens, fixed_width)
 
 
 @functools.lru_cache(maxsize=64)
@@ -110,6 +111,14 @@ def _external_only_cached(spec: tuple, grid: tuple, block_q: int, block_k: int, 
     f_n, h_n, w_n = as_grid3(grid)
     layout = external_only_layout(classes, block_q, block_k, f_n * h_n * w_n)
     return layout if device == "cpu" else layout.to(device)
+
+
+@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=64)
+def _max_partial_blocks(spec: tuple, grid: tuple, block_q: int, block_k: int) -> int:
+    """The most partial key blocks of one query block in a static pattern's (CPU) layout."""
+    blocks = build_block_layout(pattern_from_spec(spec), grid, block_q, block_k, "cpu")
+    return int(blocks.part_num.max()) if blocks.part_num.numel() else 0
 
 
 @torch.compiler.assume_constant_result
@@ -164,7 +173,8 @@ def external_attention(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
         tensors = complement_layout_tensors(pattern.spec(), layout.grid, block_q, block_k, str(q.device))
         mask_kind, params = pattern.kernel_mask(layout.grid)
     else:
-        blocks = BlockLayout.from_classes(selected_classes(~keep, pattern.block, block_q, block_k, n), block_q, block_k, n)
+        blocks = BlockLayout.from_classes(selected_classes(~keep, pattern.block, block_q, block_k, n), block_q, block_k, n,
+                                          fixed_width=True)
         tensors = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
         mask_kind, params = 0, ()
     window = list(params) + [1] * (12 - len(params))
@@ -185,11 +195,15 @@ def _partials_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: floa
         internal = layout_tensors(pattern.spec(), layout.grid, block_q, block_k, device)
         external = external_only_layout_tensors(pattern.spec(), layout.grid, block_q, block_k, device)
         mask_kind, params = pattern.kernel_mask(layout.grid)
+        if mask_kind == MASK_BOUNDS and _max_partial_blocks(pattern.spec(), layout.grid, block_q, block_k) > 1:
+            # the kernel visits at most one partial block (the short last one) without a window mask
+            raise ValueError(f"{pattern!r} has partial blocks that only sequence bounds mask; the partials kernel "
+                             "cannot run it (use impl='reference')")
     else:
         n = layout.num_visual
         classes = selected_classes(_select(pattern, q, k, layout, scale, selection, "triton"), pattern.block, block_q, block_k, n)
-        blocks = BlockLayout.from_classes(classes, block_q, block_k, n)
-        outside = external_only_layout(classes, block_q, block_k, n)
+        blocks = BlockLayout.from_classes(classes, block_q, block_k, n, fixed_width=True)
+        outside = external_only_layout(classes, block_q, block_k, n, fixed_width=True)
         internal = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
         external = (outside.full_num, outside.full_idx, outside.part_num)
         mask_kind, params = 0, ()

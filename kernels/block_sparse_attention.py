@@ -99,20 +99,24 @@ def _load_kv(k_ptrs, v_ptrs, offs_d, start_n, seq_len,
              stride_ks, stride_vs,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
              MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """Key block ``[BD, BN]`` and value block ``[BN, BD]`` starting at key ``start_n``."""
+    """Key block ``[BD, BN]`` and value block ``[BN, BD]`` starting at key ``start_n``.
+
+    Offsets from this (batch, head)'s base pointers are 32-bit: the launchers check that
+    ``S * stride`` of k and v stays below 2^31. 64-bit per-element offsets cost registers (the
+    Piecewise kernel spilled with them)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASKED:  # the block may run past the sequence: never read there (garbage * 0 is NaN)
         in_seq = offs_n < seq_len
-        k = tl.load(k_ptrs + offs_n[None, :].to(tl.int64) * stride_ks,
+        k = tl.load(k_ptrs + offs_n[None, :] * stride_ks,
                     mask=in_seq[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)  # [BD, BN]
-        v = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vs,
+        v = tl.load(v_ptrs + offs_n[:, None] * stride_vs,
                     mask=in_seq[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BN, BD]
     elif BLOCK_D == HEAD_DIM:
-        k = tl.load(k_ptrs + offs_n[None, :].to(tl.int64) * stride_ks)  # [BD, BN]
-        v = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vs)  # [BN, BD]
+        k = tl.load(k_ptrs + offs_n[None, :] * stride_ks)  # [BD, BN]
+        v = tl.load(v_ptrs + offs_n[:, None] * stride_vs)  # [BN, BD]
     else:
-        k = tl.load(k_ptrs + offs_n[None, :].to(tl.int64) * stride_ks, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        v = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        k = tl.load(k_ptrs + offs_n[None, :] * stride_ks, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        v = tl.load(v_ptrs + offs_n[:, None] * stride_vs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -368,10 +372,13 @@ def block_sparse_partials_fwd_kernel(
                                                    FullIdx + b * stride_fib + h * stride_fih + pid_m * stride_fim,
                                                    vis_start, seq_len, stride_ks, stride_vs, qk_scale,
                                                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
-        # the pattern's partial blocks: one score tile, split by the window mask
+        # the pattern's partial blocks: one score tile, split by the window mask. Block-granular
+        # patterns (MASK_KIND 0) have at most one, the short last key block: no loop, so that the
+        # two accumulators' register pressure never spills inside a loop
         pn_ptr = PartNum + b * stride_pnb + h * stride_pnh + pid_m * stride_pnm
         pi_ptr = PartIdx + b * stride_pib + h * stride_pih + pid_m * stride_pim
-        for i in range(tl.load(pn_ptr)):
+        n_partial = tl.load(pn_ptr) if MASK_KIND == 1 else tl.minimum(tl.load(pn_ptr), 1)
+        for i in range(n_partial):
             start = tl.load(pi_ptr + i) * BLOCK_N
             k_loc = start + tl.arange(0, BLOCK_N)
             in_seq = tl.broadcast_to((k_loc < n_vis)[None, :], (BLOCK_M, BLOCK_N))

@@ -33,9 +33,12 @@ def kernel_block_size(head_dim: int) -> tuple[int, int]:
 
 
 def launch_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """num_warps / num_stages for the kernel (swept on H100, bf16: benchmarks/tune_kernel.py)."""
+    """num_warps / num_stages for the kernel (swept on H100, bf16: benchmarks/tune_kernel.py).
+
+    Head dims up to 64 run 8 warps: at 4 warps the 128-row blocks need more than 255 registers
+    per thread (the partials kernel's two accumulators spill ~1.8 KB; ``diffattn.bench.spills``)."""
     if head_dim <= 64:
-        return {"num_warps": 4, "num_stages": 3}
+        return {"num_warps": 8, "num_stages": 3}
     if head_dim <= 128:
         return {"num_warps": 8, "num_stages": 3}
     return {"num_warps": 4, "num_stages": 3}
@@ -58,11 +61,23 @@ def _check_layout_tensor(name: str, t: torch.Tensor, dims: int, device: torch.de
         raise ValueError(f"{name} must be int32 with {dims} dims on {device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
 
 
+def check_32bit_offsets(*tensors: torch.Tensor) -> None:
+    """The kernels address keys and values of one (batch, head) with 32-bit offsets (64-bit ones
+    cost registers in the inner loops): ``S * token stride`` must stay below 2^31 elements."""
+    for t in tensors:
+        reach = (t.shape[1] - 1) * t.stride(1) + (t.shape[-1] - 1) * t.stride(-1)
+        if reach >= 2**31:
+            raise ValueError(f"a [B, S={t.shape[1]}, H, D] tensor with token stride {t.stride(1)} reaches element "
+                             f"{reach} within one batch row, beyond the kernels' 32-bit offsets (< 2^31); "
+                             "allowed: S * H * D below 2^31 per batch row, or impl='reference'")
+
+
 def _checked_inputs(q, k, v, layout: dict, text_lens):
     """q, k, v with a unit stride on D, the layout tensors checked, text_lens as int32."""
     for name, t in layout.items():
         _check_layout_tensor(name, t, 4 if name.endswith("idx") else 3, q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    check_32bit_offsets(k, v)
     if text_lens is not None:
         if text_lens.shape != (q.shape[0],) or text_lens.device != q.device:
             raise ValueError(f"text_lens must be [B={q.shape[0]}] on {q.device}, got {tuple(text_lens.shape)} on "
@@ -265,6 +280,31 @@ def _(out_1, lse_1, out_2, lse_2):
     return torch.empty_like(out_1), torch.empty_like(lse_1)
 
 
+def piecewise_launch(head_dim: int, block: int, first_order: int, rank: int, has_text_lens: bool,
+                     dtype: torch.dtype, interpreter: bool | None = None) -> tuple[dict, int, int]:
+    """Compile-time flags, num_warps and num_stages of the Piecewise kernel (one place, so the
+    spill measurements of ``diffattn.bench.spills`` compile what runs)."""
+    interpreter = interpreting() if interpreter is None else interpreter
+    rank_p = triton.next_power_of_2(rank) if first_order == 3 else 1
+    constexprs = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block,
+        BLOCK_N=block,
+        BLOCK_J=max(16, 64 // rank_p) if first_order == 3 else 64,
+        LOWRANK=first_order == 3,
+        APPROX_SHARE=first_order in (1, 2),
+        RANK=rank if first_order == 3 else 1,
+        RANK_P=rank_p,
+        HAS_TEXT_LENS=has_text_lens,
+        UPCAST=interpreter and dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
+    # 8 warps and, for the low-rank term's two extra dots, no software pipelining of the
+    # statistics loads: the variants that compile without register spills on sm_90
+    return constexprs, 8, 1 if first_order == 3 else 2
+
+
 @torch.library.custom_op("diffattn::piecewise_attention", mutates_args=())
 def piecewise_attention(
     q: torch.Tensor,
@@ -278,17 +318,14 @@ def piecewise_attention(
     k_mean: torch.Tensor,
     v_sum: torch.Tensor,
     size: torch.Tensor,
-    h_mat: torch.Tensor,
-    h_norm: torch.Tensor,
     geometry: list[int],
     scale: float,
     block: int,
     first_order: int,
-    first_order_norm: float,
     text_lens: torch.Tensor | None = None,
     lowrank_u: torch.Tensor | None = None,
     lowrank_w: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Piecewise attention forward (see ``piecewise_attention.py``).
 
     Args:
@@ -296,24 +333,29 @@ def piecewise_attention(
         full_num .. part_idx: the critical blocks as a BlockLayout ``[B, H, NQ, *]`` at ``block``.
         keep: ``int8 [B, H, NQ, NK]``, 1 for critical blocks.
         k_mean, v_sum: ``float32 [B, H, NK, D]``; size: ``float32 [NK]``.
-        h_mat: ``float32 [B, H, NQ, D, D]`` (pooled), ``[B, H, 1, D, D]`` (shared) or unused.
-        h_norm: ``float32 [B, H, NQ]`` (pooled) or unused.
         geometry: ``[vis_start, n_vis, text_start, text_len]``.
-        first_order: 0 none, 1 pooled, 2 shared (divided by ``first_order_norm``), 3 low rank.
+        first_order: 0 none, 1 pooled / 2 shared (added by the caller from the returned share),
+            3 low rank (in the kernel).
         text_lens: optional ``int [B]``: attended text tokens per batch row (the rest of the text
             segment is padding, masked for every query).
         lowrank_u, lowrank_w: ``float32 [B, H, NK, D, r]`` with ``H_J ~ U_J W_J^T`` (first_order 3).
+
+    Returns:
+        ``out [B, S, H, D]``, ``lse [B, S, H]`` float32 and, for first_order 1 / 2, ``share``
+        ``float32 [B, S, H]``: each visual row's approximate part of its softmax denominator
+        (text rows unset); an empty tensor otherwise.
     """
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    check_32bit_offsets(k, v)
     batch, seq_len, heads, head_dim = q.shape
     vis_start, n_vis, text_start, text_len = geometry
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, seq_len, heads), dtype=torch.float32, device=q.device)
-    full_num, part_num, keep, k_mean, v_sum, h_mat, h_norm = (
-        t.contiguous() for t in (full_num, part_num, keep, k_mean, v_sum, h_mat, h_norm))
+    share = torch.empty((batch, seq_len, heads) if first_order in (1, 2) else (0,), dtype=torch.float32,
+                        device=q.device)
+    full_num, part_num, keep, k_mean, v_sum = (t.contiguous() for t in (full_num, part_num, keep, k_mean, v_sum))
     n_vis_q_blocks = triton.cdiv(n_vis, block)
     grid = grid_for(n_vis_q_blocks, text_len, block, batch * heads)
-    h_stride_m = h_mat.stride(2) if h_mat.dim() == 5 else 0
     rank = 1
     if first_order == 3:
         if lowrank_u is None or lowrank_w is None or lowrank_u.shape != lowrank_w.shape:
@@ -322,15 +364,16 @@ def piecewise_attention(
         rank = lowrank_u.shape[-1]
     else:
         lowrank_u = lowrank_w = k_mean
-    rank_p = triton.next_power_of_2(rank)
     if text_lens is not None:
         if text_lens.shape != (batch,) or text_lens.device != q.device:
             raise ValueError(f"text_lens must be [B={batch}] on {q.device}, got {tuple(text_lens.shape)} on {text_lens.device}")
         text_lens = text_lens.to(torch.int32).contiguous()  # read as TextLens + b
+    constexprs, num_warps, num_stages = piecewise_launch(head_dim, block, first_order, rank, text_lens is not None,
+                                                         q.dtype)
     try:
         piecewise_attn_fwd_kernel[grid](
-            q, k, v, out, lse,
-            full_num, full_idx, part_num, part_idx, keep, k_mean, v_sum, size, h_mat, h_norm,
+            q, k, v, out, lse, share if first_order in (1, 2) else lse,
+            full_num, full_idx, part_num, part_idx, keep, k_mean, v_sum, size,
             lowrank_u, lowrank_w, full_num if text_lens is None else text_lens,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -342,33 +385,23 @@ def piecewise_attention(
             part_idx.stride(0), part_idx.stride(1), part_idx.stride(2),
             keep.stride(0), keep.stride(1), keep.stride(2),
             k_mean.stride(0), k_mean.stride(1),
-            h_mat.stride(0) if h_mat.dim() == 5 else 0, h_mat.stride(1) if h_mat.dim() == 5 else 0, h_stride_m,
-            h_norm.stride(0) if h_norm.dim() == 3 else 0, h_norm.stride(1) if h_norm.dim() == 3 else 0,
             lowrank_u.stride(0), lowrank_u.stride(1),
             heads, seq_len, vis_start, n_vis, text_start, text_len, n_vis_q_blocks, keep.shape[-1],
-            scale * LOG2E, scale, first_order_norm,
-            HEAD_DIM=head_dim,
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-            BLOCK_M=block,
-            BLOCK_N=block,
-            BLOCK_J=max(16, 64 // rank_p) if first_order == 3 else 64,
-            FIRST_ORDER=first_order,
-            RANK=rank,
-            RANK_P=rank_p,
-            HAS_TEXT_LENS=text_lens is not None,
-            UPCAST=interpreting() and q.dtype == torch.bfloat16,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            **({} if interpreting() else {"num_warps": 4, "num_stages": 2}),
+            scale * LOG2E, scale,
+            **constexprs,
+            **({} if interpreting() else {"num_warps": num_warps, "num_stages": num_stages}),
         )
     except OutOfResources as exc:  # shared memory grows with the block, the head dim and the rank
         order = {0: "order 0", 1: "pooled", 2: "shared", 3: f"lowrank rank {rank}"}[first_order]
         raise ValueError(f"Piecewise (block {block}, head dim {head_dim}, {order}) needs more GPU shared memory "
                          f"than this GPU has ({exc}); use block=64, a low rank <= 4, or impl='reference'") from None
-    return out, lse
+    return out, lse, share
 
 
 @piecewise_attention.register_fake
-def _(q, k, v, full_num, full_idx, part_num, part_idx, keep, k_mean, v_sum, size, h_mat, h_norm, geometry, scale,
-      block, first_order, first_order_norm, text_lens=None, lowrank_u=None, lowrank_w=None):
+def _(q, k, v, full_num, full_idx, part_num, part_idx, keep, k_mean, v_sum, size, geometry, scale, block,
+      first_order, text_lens=None, lowrank_u=None, lowrank_w=None):
     batch, seq_len, heads, _ = q.shape
-    return torch.empty_like(q), q.new_empty((batch, seq_len, heads), dtype=torch.float32)
+    share_shape = (batch, seq_len, heads) if first_order in (1, 2) else (0,)
+    return (torch.empty_like(q), q.new_empty((batch, seq_len, heads), dtype=torch.float32),
+            q.new_empty(share_shape, dtype=torch.float32))

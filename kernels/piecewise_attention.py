@@ -5,16 +5,20 @@ One program computes one query block (= one selection block) of one (batch, head
 
 1. approximate part: for chunks of key blocks, ``a = exp(scale q . k̄_J)`` on the block means,
    masked to the non-critical blocks of this query block; numerator ``a @ V_J``, approximate
-   denominator ``a @ |J|``;
+   denominator ``a @ |J|`` (tensor-core dots in q's dtype: the block means and value sums are
+   rounded to it, like the keys and values themselves);
 2. exact part: the critical blocks (the layout's full / partial lists, as in the block-sparse
    kernel) and the text keys;
-3. first order (``FIRST_ORDER``: 0 none, 1 pooled per query block, 2 shared per head):
-   ``numerator += scale * (l_approx / norm) * (q @ H)``; or 3, low rank, inside step 1: per
-   chunk of key blocks ``numerator += scale * ((a ⊗ 1_r) * (q @ U)) @ W^T`` with the blocks'
-   ``H_J ~ U_J W_J^T`` stacked as ``U [D, BJ * r]`` and ``W [BJ * r, D]`` (two extra dots per
-   chunk: O(S * NK * r * d)).
+3. first order: with ``LOWRANK``, inside step 1, per chunk of key blocks
+   ``numerator += scale * ((a ⊗ 1_r) * (q @ U)) @ W^T`` with the blocks' ``H_J ~ U_J W_J^T``
+   stacked as ``U [D, BJ * r]`` and ``W [BJ * r, D]`` (two extra dots per chunk:
+   O(S * NK * r * d)). The pooled and shared terms ``scale * (l_approx / norm) * (q @ H)`` are
+   added after the kernel (a batched matrix product in ``diffattn.attention``): with
+   ``APPROX_SHARE`` the kernel writes each visual row's ``l_approx / l`` (``ApxShare``), which is
+   all they need from it. Keeping the d x d matrix out of the kernel keeps its registers for the
+   attention itself (the fused version spilled ~16 KB per thread at d = 128).
 
-Exact and approximate denominators are kept apart (the first-order term needs the approximate
+Exact and approximate denominators are kept apart (the approximate share needs the approximate
 one) and both are rescaled whenever the running maximum moves. Text query blocks are dense.
 With ``HAS_TEXT_LENS`` only the first ``TextLens[b]`` text keys of batch row ``b`` are attended
 (visual and text queries alike); the rest of the text segment is padding.
@@ -30,8 +34,8 @@ from .block_sparse_attention import _attend_block, _attend_range, _query_block, 
 
 @triton.jit
 def piecewise_attn_fwd_kernel(
-    Q, K, V, Out, Lse,
-    FullNum, FullIdx, PartNum, PartIdx, Keep, KMean, VSum, Size, HMat, HNorm, LowU, LowW, TextLens,
+    Q, K, V, Out, Lse, ApxShare,
+    FullNum, FullIdx, PartNum, PartIdx, Keep, KMean, VSum, Size, LowU, LowW, TextLens,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -42,14 +46,12 @@ def piecewise_attn_fwd_kernel(
     stride_pib, stride_pih, stride_pim,
     stride_keb, stride_keh, stride_kem,  # Keep [B, H, NQ, NK] int8
     stride_mb, stride_mh,  # KMean / VSum [B, H, NK, D] (contiguous)
-    stride_hb, stride_hh, stride_hm,  # HMat [B, H, NQ or 1, D, D]
-    stride_nnb, stride_nnh,  # HNorm [B, H, NQ or 1]
     stride_ub, stride_uh,  # LowU / LowW [B, H, NK, D, RANK] (contiguous)
     num_heads, seq_len, vis_start, n_vis, text_start, text_len, n_vis_q_blocks, n_k_blocks,
-    qk_scale, sm_scale, first_order_norm,
+    qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_J: tl.constexpr, FIRST_ORDER: tl.constexpr, RANK: tl.constexpr, RANK_P: tl.constexpr,
-    HAS_TEXT_LENS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_J: tl.constexpr, LOWRANK: tl.constexpr, APPROX_SHARE: tl.constexpr, RANK: tl.constexpr,
+    RANK_P: tl.constexpr, HAS_TEXT_LENS: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -78,22 +80,22 @@ def piecewise_attn_fwd_kernel(
             critical = tl.load(keep_row + offs_j, mask=j_valid, other=1)
             use = j_valid & (critical == 0)  # [BJ]
             km = tl.load(KMean + stat_off + offs_j[None, :] * HEAD_DIM + offs_d[:, None],
-                         mask=j_valid[None, :] & d_valid[:, None], other=0.0)  # [BD, BJ] fp32
-            logits = tl.dot(q.to(tl.float32), km, input_precision="ieee") * qk_scale  # [BM, BJ]
+                         mask=j_valid[None, :] & d_valid[:, None], other=0.0).to(q.dtype)  # [BD, BJ]
+            logits = tl.dot(q, km, input_precision=DOT_PRECISION) * qk_scale  # [BM, BJ]
             logits = tl.where(use[None, :], logits, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(logits, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(logits - m_use[:, None])  # [BM, BJ]
             vsum = tl.load(VSum + stat_off + offs_j[:, None] * HEAD_DIM + offs_d[None, :],
-                           mask=j_valid[:, None] & d_valid[None, :], other=0.0)  # [BJ, BD]
+                           mask=j_valid[:, None] & d_valid[None, :], other=0.0).to(q.dtype)  # [BJ, BD]
             size = tl.load(Size + offs_j, mask=j_valid, other=0.0)  # [BJ]
             acc = acc * alpha[:, None]
-            acc = tl.dot(p, vsum, acc, input_precision="ieee")
-            if FIRST_ORDER == 3:
+            acc = tl.dot(p.to(q.dtype), vsum, acc, input_precision=DOT_PRECISION)
+            if LOWRANK:
                 acc = _lowrank_term(acc, p, q, LowU, LowW, b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh,
                                     j0, n_k_blocks, offs_d, d_valid, sm_scale,
-                                    HEAD_DIM, BLOCK_M, BLOCK_J, RANK, RANK_P)
+                                    HEAD_DIM, BLOCK_M, BLOCK_J, RANK, RANK_P, DOT_PRECISION)
             l_apx = l_apx * alpha + tl.sum(p * size[None, :], 1)
             l_i = l_i * alpha
             m_i = m_new
@@ -130,19 +132,11 @@ def piecewise_attn_fwd_kernel(
                                                    key_mask, text_stop, stride_ks, stride_vs, qk_scale,
                                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
 
-        # 3. first-order term: scale * (l_apx / norm) * (q @ H)
-        if FIRST_ORDER == 1 or FIRST_ORDER == 2:
-            if FIRST_ORDER == 1:
-                h_off = b.to(tl.int64) * stride_hb + h.to(tl.int64) * stride_hh + pid_m.to(tl.int64) * stride_hm
-                norm = tl.load(HNorm + b * stride_nnb + h * stride_nnh + pid_m)
-            else:
-                h_off = b.to(tl.int64) * stride_hb + h.to(tl.int64) * stride_hh
-                norm = first_order_norm
-            hm = tl.load(HMat + h_off + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
-                         mask=d_valid[:, None] & d_valid[None, :], other=0.0)  # [BD, BD] fp32
-            qh = tl.dot(q.to(tl.float32), hm, input_precision="ieee")  # [BM, BD]
-            acc += (sm_scale * l_apx / norm)[:, None] * qh
         l_i = l_i + l_apx
+        if APPROX_SHARE:  # the pooled / shared first-order terms are added outside: l_approx / l per row
+            share_ptrs = (ApxShare + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+                          + rows.to(tl.int64) * stride_ls)
+            tl.store(share_ptrs, l_apx / tl.where(l_i == 0.0, 1.0, l_i), mask=row_valid)
     else:  # text query: every key but the padding [text_stop, text_end)
         acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, 0, dense_stop,
                                       stride_ks, stride_vs, qk_scale,
@@ -159,20 +153,20 @@ def piecewise_attn_fwd_kernel(
 @triton.jit
 def _lowrank_term(acc, p, q, LowU, LowW, lr_off, j0, n_k_blocks, offs_d, d_valid, sm_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
-                  RANK: tl.constexpr, RANK_P: tl.constexpr):
+                  RANK: tl.constexpr, RANK_P: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``acc + scale * sum_J p_J (q @ U_J) @ W_J^T`` over the chunk's key blocks ``[j0, j0 + BJ)``."""
     offs_c = tl.arange(0, BLOCK_J * RANK_P)  # column c = (block j0 + c // RANK_P, direction c % RANK_P)
     c_j = j0 + offs_c // RANK_P
     c_r = offs_c % RANK_P
     c_valid = (c_j < n_k_blocks) & (c_r < RANK)
-    c_off = c_j.to(tl.int64) * (HEAD_DIM * RANK) + c_r
+    c_off = c_j * (HEAD_DIM * RANK) + c_r  # 32-bit: inside one (batch, head)'s statistics
     u = tl.load(LowU + lr_off + c_off[None, :] + offs_d[:, None] * RANK,
-                mask=c_valid[None, :] & d_valid[:, None], other=0.0)  # [BD, BJ*RP]
+                mask=c_valid[None, :] & d_valid[:, None], other=0.0).to(q.dtype)  # [BD, BJ*RP]
     w = tl.load(LowW + lr_off + c_off[:, None] + offs_d[None, :] * RANK,
-                mask=c_valid[:, None] & d_valid[None, :], other=0.0)  # [BJ*RP, BD]
-    proj = tl.dot(q.to(tl.float32), u, input_precision="ieee")  # [BM, BJ*RP]
+                mask=c_valid[:, None] & d_valid[None, :], other=0.0).to(q.dtype)  # [BJ*RP, BD]
+    proj = tl.dot(q, u, input_precision=DOT_PRECISION)  # [BM, BJ*RP] fp32
     weight = tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_M, BLOCK_J, RANK_P)), (BLOCK_M, BLOCK_J * RANK_P))
-    return tl.dot(weight * proj * sm_scale, w, acc, input_precision="ieee")
+    return tl.dot((weight * proj * sm_scale).to(q.dtype), w, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit

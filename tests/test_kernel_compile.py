@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent('''
                 "Lse1": "*fp32", "Lse2": "*fp32", "LseOut": "*fp32", "qk_scale": "fp32", "X": "*bf16",
                 "Mean": "*fp32", "Sim": "*fp32", "QMean": "*fp32", "KMean": "*fp32", "QSim": "*fp32",
                 "KSim": "*fp32", "Keep": "*i8", "VSum": "*fp32", "Size": "*fp32", "HMat": "*fp32",
-                "HNorm": "*fp32", "LowU": "*fp32", "LowW": "*fp32", "cdf": "fp32", "scale": "fp32",
+                "HNorm": "*fp32", "LowU": "*fp32", "LowW": "*fp32", "ApxShare": "*fp32", "cdf": "fp32", "scale": "fp32",
                 "similarity": "fp32", "sm_scale": "fp32", "first_order_norm": "fp32"}
     H100_SHARED = 232448  # bytes of shared memory one block may use on an H100
 
@@ -49,11 +49,12 @@ SCRIPT = textwrap.dedent('''
         compile_for_h100(bsa.block_sparse_partials_fwd_kernel, dict(base, MASK_KIND=kind))
     compile_for_h100(bsa.block_sparse_attn_fwd_kernel, dict(base, MASK_KIND=1, EXTERNAL=True))
     compile_for_h100(merge.merge_partials_fwd_kernel, dict(HEAD_DIM=128, BLOCK_R=32, BLOCK_D=128))
-    # Piecewise as ops.py launches it (block 64, 4 warps, 2 stages): pooled, and low rank 4
-    pw = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64, HAS_TEXT_LENS=True, UPCAST=False,
-              DOT_PRECISION="tf32")
-    compile_for_h100(piecewise.piecewise_attn_fwd_kernel, dict(pw, BLOCK_J=64, FIRST_ORDER=1, RANK=1, RANK_P=1), 4, 2)
-    compile_for_h100(piecewise.piecewise_attn_fwd_kernel, dict(pw, BLOCK_J=16, FIRST_ORDER=3, RANK=4, RANK_P=4), 4, 2)
+    # Piecewise as ops.py launches it (block 64): pooled, and low rank 4
+    import torch
+    from diffattn.kernels.ops import piecewise_launch
+    for first_order, rank in ((1, 1), (3, 4)):
+        constexprs, warps, stages = piecewise_launch(128, 64, first_order, rank, True, torch.bfloat16, False)
+        compile_for_h100(piecewise.piecewise_attn_fwd_kernel, constexprs, warps, stages)
     # the selection kernels at Wan 720p's 1,182 key blocks of 64 tokens
     compile_for_h100(selection.block_pool_fwd_kernel,
                      dict(HEAD_DIM=128, BLOCK_D=128, BLOCK=64, CHUNK=64, SIMILARITY=True), 4, 2)

@@ -185,6 +185,5 @@ def selected_classes(keep: torch.Tensor, block: int, block_q: int, block_k: int,
     rows = torch.arange(num_blocks(n, block_q), device=keep.device) * block_q // block
     cols = torch.arange(num_blocks(n, block_k), device=keep.device) * block_k // block
     kept = keep[:, :, rows[:, None], cols[None, :]]
-    return torch.where(kept, torch.tensor(FULL, dtype=torch.int8, device=keep.device),
-                       torch.tensor(EMPTY, dtype=torch.int8, device=keep.device))
+    return kept.to(torch.int8) * (FULL - EMPTY) + EMPTY  # no scalar tensor copied to the device
 
