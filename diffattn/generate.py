@@ -66,7 +66,8 @@ TIMINGS_NOTE = ("generate = the pipeline call (text encoding, denoising, decodin
                 "transformer call to the end of step 0; self_attention = time inside the self-attention modules "
                 "(projections, norms, RoPE, attention, output projection)")
 #: Generation settings a preset or the command line may set (``pipe(...)`` keyword names).
-SETTING_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_2")
+SETTING_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_2",
+                "true_cfg_scale", "segment_frame_length")  # the last two: presets of Qwen-Image / Wan Animate
 
 
 class UserError(ValueError):
@@ -425,10 +426,10 @@ def generation_settings(target: Target, preset=None, **cli) -> dict:
         generation = dict(getattr(preset, "generation", None) or {})
         settings.update({k: v for k, v in generation.items() if k in SETTING_KEYS and v is not None})
     settings.update({k: v for k, v in cli.items() if v is not None})
-    for key in ("height", "width", "num_frames", "num_inference_steps"):
+    for key in ("height", "width", "num_frames", "num_inference_steps", "segment_frame_length"):
         if key in settings and (isinstance(settings[key], bool) or not isinstance(settings[key], int) or settings[key] < 1):
             raise UserError(f"{key} must be a positive int, got {settings[key]!r}")
-    for key in ("guidance_scale", "guidance_scale_2"):
+    for key in ("guidance_scale", "guidance_scale_2", "true_cfg_scale"):
         if key in settings:
             g = settings[key]
             if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:

@@ -3,7 +3,7 @@
 A preset says which checkpoint to load, which sparse pattern to install, when attention stays
 dense, and the generation settings the pattern was sized for::
 
-    family: wan                      # wan | hunyuan_video | cogvideox | flux | sd3 | ltx
+    family: wan                      # one of FAMILIES: wan, hunyuan_video, ltx2, qwen_image, ...
     method: radial                   # dense | window | radial (must equal pattern.kind)
     model: Wan-AI/Wan2.1-T2V-1.3B-Diffusers   # default checkpoint (hub id or local folder)
     pattern:                         # the pattern's constructor arguments (+ kind)
@@ -62,6 +62,7 @@ __all__ = [
     "Preset",
     "PresetError",
     "configs_dir",
+    "frames_key",
     "list_presets",
     "load_preset",
     "token_grid",
@@ -108,22 +109,55 @@ FAMILY_GEOMETRY: Mapping[str, FamilyGeometry] = {
     "flux": FamilyGeometry(8, None, (1, 2, 2)),        # 8x VAE, latents packed 2x2
     "sd3": FamilyGeometry(8, None, (1, 2, 2)),         # 8x VAE, patch_size 2
     "ltx": FamilyGeometry(32, 8, (1, 1, 1)),           # LTX-Video VAE 32x / 8x, patch 1
+    "wan_vace": FamilyGeometry(8, 4, (1, 2, 2)),       # Wan's VAE and patch (WanVACETransformer3DModel)
+    "wan_animate": FamilyGeometry(8, 4, (1, 2, 2)),    # Wan's; the grid is the frames behind the reference frame
+    "skyreels_v2": FamilyGeometry(8, 4, (1, 2, 2)),    # Wan's VAE and patch (SkyReelsV2Transformer3DModel)
+    "hunyuan_video15": FamilyGeometry(16, 4, (1, 1, 1)),  # AutoencoderKLHunyuanVideo15 16x / 4x, patch 1
+    "ltx2": FamilyGeometry(32, 8, (1, 1, 1)),          # LTX-2 video VAE 32x / 8x, patch 1
+    "kandinsky5": FamilyGeometry(8, 4, (1, 2, 2)),     # HunyuanVideo's VAE, patch (1, 2, 2)
+    "motif_video": FamilyGeometry(8, 4, (1, 2, 2)),    # Wan 2.1's VAE, patch_size 2, patch_size_t 1
+    "qwen_image": FamilyGeometry(8, None, (1, 2, 2)),  # 8x VAE, latents packed 2x2
+    "flux2": FamilyGeometry(8, None, (1, 2, 2)),       # 8x VAE, latents packed 2x2
 }
 
-#: The model families presets and ``load_pipeline`` know (the integration adapters' names).
+#: The model families presets and ``load_pipeline`` know: the integration adapters' names, with
+#: Wan's variants (``wan_vace``, ``wan_animate``, ``skyreels_v2``: Wan's adapter, other pipelines
+#: and sizes) told apart.
 FAMILIES: tuple[str, ...] = tuple(FAMILY_GEOMETRY)
 
 #: The attention methods a preset can name; ``pattern.kind`` must be the same.
 METHODS: tuple[str, ...] = ("dense", "window", "radial")
 
-_VIDEO_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")
-_IMAGE_KEYS = ("height", "width", "num_inference_steps", "guidance_scale")
+# Where a family's pipeline names a generation setting differently.
+_FRAMES_KEY = {"wan_animate": "segment_frame_length"}   # WanAnimatePipeline generates segments of this length
+_GUIDANCE_KEY = {
+    "qwen_image": "true_cfg_scale",  # classifier-free guidance (guidance_scale is for guidance-distilled models)
+    "hunyuan_video15": None,         # guidance comes with the checkpoint's guider component
+    "motif_video": None,
+}
+_NUMBER_KEYS = ("guidance_scale", "true_cfg_scale")
+
+
+def frames_key(family: str) -> str | None:
+    """The ``pipe(...)`` argument that gives the number of frames (``num_frames``, or Wan Animate's
+    ``segment_frame_length``); None for image families."""
+    geometry = FAMILY_GEOMETRY.get(family)
+    if geometry is None or not geometry.is_video:
+        return None
+    return _FRAMES_KEY.get(family, "num_frames")
+
+
+def _generation_keys(family: str) -> tuple[str, ...]:
+    guidance = _GUIDANCE_KEY.get(family, "guidance_scale")
+    frames = frames_key(family)
+    return ("height", "width", *([frames] if frames else []), "num_inference_steps", *([guidance] if guidance else []))
+
 
 #: Per family: the generation keys a preset has (all of them) -- keyword arguments of that
-#: family's diffusers pipeline ``__call__``. Image families have no ``num_frames``.
-GENERATION_KEYS: Mapping[str, tuple[str, ...]] = {
-    family: _VIDEO_KEYS if geometry.is_video else _IMAGE_KEYS for family, geometry in FAMILY_GEOMETRY.items()
-}
+#: family's diffusers pipeline ``__call__``. Image families have no ``num_frames``; Wan Animate
+#: has ``segment_frame_length`` instead; Qwen-Image's guidance is ``true_cfg_scale``; HunyuanVideo
+#: 1.5 and Motif-Video take their guidance from the checkpoint's guider (no guidance key).
+GENERATION_KEYS: Mapping[str, tuple[str, ...]] = {family: _generation_keys(family) for family in FAMILY_GEOMETRY}
 
 
 def _int(value) -> bool:
@@ -136,7 +170,9 @@ def _number(value) -> bool:
 
 def token_grid(family: str, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:
     """The transformer's visual token grid for a generation: ``(F, H, W)`` for video families,
-    ``(H, W)`` for image families.
+    ``(H, W)`` for image families. ``num_frames`` is the value of the family's frames setting
+    (``frames_key``: Wan Animate's ``segment_frame_length``, whose grid is the video frames behind
+    the reference frame).
 
     Raises ValueError when the sizes are not what the family's pipeline accepts (height and
     width multiples of VAE x patch, ``num_frames = vae_temporal * k + 1``).
@@ -162,7 +198,8 @@ def token_grid(family: str, height: int, width: int, num_frames: int | None = No
         return spatial
     t = geo.vae_temporal
     if not _int(num_frames) or num_frames < 1 or (num_frames - 1) % t:
-        raise ValueError(f"num_frames must be {t}k + 1 (1, {t + 1}, {2 * t + 1}, ...) for {family}, got {num_frames!r}")
+        raise ValueError(f"{frames_key(family)} must be {t}k + 1 (1, {t + 1}, {2 * t + 1}, ...) for {family}, "
+                         f"got {num_frames!r}")
     latent_frames = (num_frames - 1) // t + 1
     return (latent_frames // geo.patch[0], *spatial)
 
@@ -375,13 +412,16 @@ class Preset:
         out = {}
         for key, value in generation.items():
             if key not in allowed:
-                extra = " (an image family: no num_frames)" if key == "num_frames" else ""
+                extra = ""
+                if key == "num_frames":
+                    frames = frames_key(self.family)
+                    extra = " (an image family: no num_frames)" if frames is None else f" (its frames setting is {frames})"
                 raise PresetError(
                     f"{where}: generation.{key} is not a setting of {self.family}{extra}; allowed: {', '.join(allowed)}"
                 )
-            if key == "guidance_scale":
+            if key in _NUMBER_KEYS:
                 if not _number(value) or value < 0:
-                    raise PresetError(f"{where}: generation.guidance_scale must be a number >= 0, got {value!r}")
+                    raise PresetError(f"{where}: generation.{key} must be a number >= 0, got {value!r}")
                 value = float(value)
             elif not _int(value) or value < 1:
                 raise PresetError(f"{where}: generation.{key} must be an int >= 1, got {value!r}")
@@ -394,7 +434,9 @@ class Preset:
 
     def _grid(self, generation: Mapping[str, Any]) -> tuple[int, ...]:
         try:
-            return token_grid(self.family, generation["height"], generation["width"], generation.get("num_frames"))
+            frames = frames_key(self.family)
+            return token_grid(self.family, generation["height"], generation["width"],
+                              generation.get(frames) if frames else None)
         except ValueError as exc:
             raise PresetError(f"{self._where}: generation: {exc}") from None
 
@@ -403,7 +445,7 @@ class Preset:
         try:
             self.build_pattern().validate(grid)
         except ValueError as exc:
-            size = "x".join(str(generation[k]) for k in ("height", "width", "num_frames") if k in generation)
+            size = "x".join(str(generation[k]) for k in ("height", "width", frames_key(self.family)) if k in generation)
             raise PresetError(
                 f"{self._where}: pattern does not fit the token grid {'x'.join(map(str, grid))} of {size}: {exc}"
             ) from None

@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from ..integration.apply import SparseHandle
 
-__all__ = ["EMBEDDED_MARK", "GENERATION_KEYS", "PIPELINE_CLASSES", "family_of", "is_embedded", "load_pipeline"]
+__all__ = ["EMBEDDED_MARK", "GENERATION_KEYS", "PIPELINE_CLASSES", "TRANSFORMER_FAMILIES", "family_of", "is_embedded",
+           "load_pipeline"]
 
 logger = logging.getLogger("diffattn")
 
@@ -37,6 +38,26 @@ PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {
     "flux": ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline"),
     "sd3": ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
     "ltx": ("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"),
+    "wan_vace": ("WanVACEPipeline",),
+    "wan_animate": ("WanAnimatePipeline",),
+    "skyreels_v2": ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2Pipeline", "SkyReelsV2ImageToVideoPipeline",
+                    "SkyReelsV2DiffusionForcingImageToVideoPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline"),
+    "hunyuan_video15": ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"),
+    "ltx2": ("LTX2Pipeline", "LTX2ImageToVideoPipeline", "LTX2ConditionPipeline"),
+    "kandinsky5": ("Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline"),
+    "motif_video": ("MotifVideoPipeline", "MotifVideoImage2VideoPipeline"),
+    "qwen_image": ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "QwenImageEditPipeline",
+                   "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline", "QwenImageLayeredPipeline",
+                   "QwenImageControlNetPipeline"),
+    "flux2": ("Flux2Pipeline", "Flux2KleinPipeline"),
+}
+
+#: Transformer classes whose family is not their adapter's name: Wan's variants run Wan's adapter
+#: but have their own pipelines, sizes and presets.
+TRANSFORMER_FAMILIES: dict[str, str] = {
+    "WanVACETransformer3DModel": "wan_vace",
+    "WanAnimateTransformer3DModel": "wan_animate",
+    "SkyReelsV2Transformer3DModel": "skyreels_v2",
 }
 
 #: Attribute set on every pipeline ``load_pipeline`` returns: True for the embedded demo
@@ -53,8 +74,17 @@ def _family_of_class(class_name: str) -> str | None:
 
     for adapter in all_adapters():
         if class_name in adapter.transformer_classes:
-            return adapter.name
+            return TRANSFORMER_FAMILIES.get(class_name, adapter.name)
     return None
+
+
+def known_families() -> tuple[str, ...]:
+    """Every family ``load_pipeline(family=...)`` accepts: the preset families (``FAMILIES``), then
+    the families of adapters that have no presets yet."""
+    from ..integration.families import all_adapters
+
+    extra = sorted({a.name for a in all_adapters()} - set(FAMILIES))
+    return (*FAMILIES, *extra)
 
 
 def _supported_transformers() -> str:
@@ -64,7 +94,8 @@ def _supported_transformers() -> str:
 
 
 def family_of(pipe) -> str:
-    """The model family (``"wan"``, ``"flux"``, ...) of a loaded pipeline, from its transformer's class.
+    """The model family (``"wan"``, ``"flux"``, ``"wan_vace"``, ...: one of ``diffattn.presets.FAMILIES``)
+    of a loaded pipeline, from its transformer's class.
 
     Raises ValueError for pipelines without a transformer diffattn has an adapter for.
     """
@@ -135,6 +166,33 @@ def _check_family(found: str, wanted: str | None, model: str, preset: Preset | N
     raise ValueError(f"model {model!r} is a {found!r} pipeline but {asked}; use a {wanted} checkpoint or a {found} preset{hint}")
 
 
+def _check_call_settings(preset: Preset | None, pipeline_class: str | None, model: str) -> None:
+    """Refuse a preset whose generation settings the checkpoint's pipeline does not take (a video
+    preset on Kandinsky5T2IPipeline, Qwen-Image's sizes on QwenImageLayeredPipeline, ...), from
+    ``model_index.json``'s class name, before any weights load."""
+    if preset is None or not pipeline_class:
+        return
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None)
+    if cls is None:
+        return
+    try:
+        parameters = inspect.signature(cls.__call__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic pipelines
+        return
+    missing = [key for key in preset.generation if key not in parameters]
+    if missing:
+        raise ValueError(
+            f"model {model!r} is a {pipeline_class}, which does not take the generation setting(s) "
+            f"{', '.join(missing)} of preset {preset.name!r}; that preset is for "
+            f"{', '.join(PIPELINE_CLASSES.get(preset.family, ())[:1]) or preset.family} checkpoints. Use diffattn.apply "
+            "with a pattern and schedule of your own on this pipeline"
+        )
+
+
 def load_pipeline(
     model: str | os.PathLike | None = None,
     preset: str | os.PathLike | Preset | None = None,
@@ -161,9 +219,9 @@ def load_pipeline(
             - with a preset of another family: the preset's default checkpoint ``preset.model``.
         preset: a preset name (``"wan-radial"``), a YAML path, or a ``Preset``. None: load
             only, install nothing (the handle is None).
-        family: the family the model must be (``"wan"``, ``"hunyuan_video"``, ``"cogvideox"``,
-            ``"flux"``, ``"sd3"``, ``"ltx"``); checked against the checkpoint. Must agree with
-            the preset's family when both are given.
+        family: the family the model must be (one of ``diffattn.presets.FAMILIES``: ``"wan"``,
+            ``"hunyuan_video"``, ``"wan_vace"``, ``"qwen_image"``, ...); checked against the
+            checkpoint's transformer class. Must agree with the preset's family when both are given.
         torch_dtype: dtype of the weights (passed to from_pretrained as ``dtype``; the embedded
             pipeline's transformer and text encoder). Default: float32.
         device: where the pipeline is moved (``pipe.to(device)``). Default: where it loaded.
@@ -176,16 +234,17 @@ def load_pipeline(
         without a preset).
 
     Raises:
-        ValueError: the checkpoint's transformer is not of the preset's / ``family``'s family
-            (checked from ``model_index.json`` before any weights load), a folder that is not
-            a diffusers pipeline, an unknown family, or a bad preset (``PresetError``).
+        ValueError: the checkpoint's transformer is not of the preset's / ``family``'s family,
+            or its pipeline does not take the preset's generation settings (both checked from
+            ``model_index.json`` before any weights load), a folder that is not a diffusers
+            pipeline, an unknown family, or a bad preset (``PresetError``).
     """
     if isinstance(preset, (str, os.PathLike)):
         preset = load_preset(preset)
     elif preset is not None and not isinstance(preset, Preset):
         raise TypeError(f"preset must be a preset name, a YAML path or a Preset, got {type(preset).__name__}")
-    if family is not None and family not in FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if family is not None and family not in known_families():
+        raise ValueError(f"family must be one of {', '.join(known_families())}, got {family!r}")
     if preset is not None and family is not None and preset.family != family:
         raise ValueError(f"family={family!r} contradicts preset {preset.name!r}, which is for family {preset.family!r}")
     wanted = preset.family if preset is not None else family
@@ -210,6 +269,7 @@ def load_pipeline(
         hub_kwargs = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs}
         index, shown = _model_index(model, hub_kwargs)
         _check_family(_family_of_index(index, shown), wanted, shown, preset)
+        _check_call_settings(preset, index.get("_class_name"), shown)
 
         from diffusers import DiffusionPipeline
 

@@ -91,8 +91,8 @@ def test_family_mismatch_is_caught_before_loading_weights(folder, monkeypatch):
         load_pipeline(folder, family="cogvideox")
     with pytest.raises(ValueError, match="family='flux' contradicts preset 'wan-radial'"):
         load_pipeline(folder, "wan-radial", family="flux")
-    with pytest.raises(ValueError, match="family must be one of"):
-        load_pipeline(folder, family="mochi")
+    with pytest.raises(ValueError, match="family must be one of wan, .*got 'wan3'"):
+        load_pipeline(folder, family="wan3")
 
 
 def test_family_of_the_built_pipeline_is_checked_too(folder, monkeypatch):
@@ -173,6 +173,7 @@ def test_bad_models(tmp_path):
 
 def test_pipeline_classes_and_generation_keys():
     import inspect
+    import typing
 
     import diffusers
 
@@ -180,7 +181,11 @@ def test_pipeline_classes_and_generation_keys():
     for family, classes in PIPELINE_CLASSES.items():
         for name in classes:
             cls = getattr(diffusers, name)
-            parameters = inspect.signature(cls.__call__).parameters
-            assert {"height", "width", "num_inference_steps", "guidance_scale"} <= set(parameters), name
+            assert "num_inference_steps" in inspect.signature(cls.__call__).parameters, name
+            # the transformer class the pipeline is built with maps to this family
+            annotation = inspect.signature(cls.__init__).parameters["transformer"].annotation
+            transformers = [a.__name__ for a in (typing.get_args(annotation) or (annotation,)) if isinstance(a, type)
+                            and a is not type(None)]
+            assert [load_module._family_of_class(t) for t in transformers] == [family], (family, name, transformers)
         first = inspect.signature(getattr(diffusers, classes[0]).__call__).parameters
         assert set(GENERATION_KEYS[family]) <= set(first)

@@ -31,11 +31,19 @@ REQUIRED = [
     "flux-window", "sd3-window", "ltx-window",
 ]
 # Head dims of the released checkpoints (diffusers constructor defaults): the kernel's block sizes.
-HEAD_DIM = {"wan": 128, "hunyuan_video": 128, "cogvideox": 64, "flux": 128, "sd3": 64, "ltx": 64}
-# Text tokens in the self-attention of the released pipelines (dense in both directions).
-TEXT_LEN = {"wan": 0, "hunyuan_video": 256, "cogvideox": 226, "flux": 512, "sd3": 333, "ltx": 0}
+HEAD_DIM = {"wan": 128, "hunyuan_video": 128, "cogvideox": 64, "flux": 128, "sd3": 64, "ltx": 64, "wan_vace": 128,
+            "wan_animate": 128, "skyreels_v2": 128, "hunyuan_video15": 128, "ltx2": 128, "kandinsky5": 64,
+            "motif_video": 128, "qwen_image": 128, "flux2": 128}
+# Dense tokens beside the grid in the self-attention of the released pipelines (text, Wan Animate's
+# reference frame; dense in both directions). Families whose count varies with the prompt: 0.
+TEXT_LEN = {"wan": 0, "hunyuan_video": 256, "cogvideox": 226, "flux": 512, "sd3": 333, "ltx": 0, "wan_animate": 3600,
+            "flux2": 512}
 DIFFUSERS_PIPELINE = {"wan": "WanPipeline", "hunyuan_video": "HunyuanVideoPipeline", "cogvideox": "CogVideoXPipeline",
-                      "flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "ltx": "LTXPipeline"}
+                      "flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "ltx": "LTXPipeline",
+                      "wan_vace": "WanVACEPipeline", "wan_animate": "WanAnimatePipeline",
+                      "skyreels_v2": "SkyReelsV2DiffusionForcingPipeline", "hunyuan_video15": "HunyuanVideo15Pipeline",
+                      "ltx2": "LTX2Pipeline", "kandinsky5": "Kandinsky5T2VPipeline", "motif_video": "MotifVideoPipeline",
+                      "qwen_image": "QwenImagePipeline", "flux2": "Flux2Pipeline"}
 
 
 def test_required_presets_are_shipped():
@@ -64,11 +72,11 @@ def test_preset_loads_and_its_pattern_fits_its_grid(name, record_property):
     # Radial keeps whole 128-token blocks, so what it attends is what the layout computes
     # (test_radial checks that); building its mask twice at 115k tokens would take seconds.
     attended = blocks.block_density if isinstance(pattern, Radial) else pattern.attended_fraction(TokenLayout(grid))
-    n, t = blocks.num_tokens, TEXT_LEN[preset.family]
+    n, t = blocks.num_tokens, TEXT_LEN.get(preset.family, 0)
     with_text = (attended * n * n + 2 * n * t + t * t) / (n + t) ** 2  # text is dense both ways
     computed = blocks.block_density
     report = (f"{name}: {'x'.join(map(str, grid))} tokens, {pattern}: attends {attended:.1%} "
-              f"({with_text:.1%} with {TEXT_LEN[preset.family]} text tokens), computes {computed:.1%} "
+              f"({with_text:.1%} with {t} dense tokens), computes {computed:.1%} "
               f"in {block_q}x{block_k} blocks")
     print(report)
     record_property("density", report)
@@ -102,6 +110,14 @@ def test_radial_presets_match_the_paper():
     ("ltx", (512, 704, 161), (21, 16, 22)),
     ("flux", (1024, 1024, None), (64, 64)),
     ("sd3", (1024, 768, None), (64, 48)),
+    ("wan_animate", (720, 1280, 77), (20, 45, 80)),   # segment_frame_length 77: the frames behind the reference
+    ("skyreels_v2", (544, 960, 97), (25, 34, 60)),
+    ("hunyuan_video15", (480, 848, 121), (31, 30, 53)),
+    ("ltx2", (512, 768, 121), (16, 16, 24)),
+    ("kandinsky5", (512, 768, 121), (31, 32, 48)),
+    ("motif_video", (736, 1280, 121), (31, 46, 80)),
+    ("qwen_image", (1024, 1024, None), (64, 64)),
+    ("flux2", (1024, 1024, None), (64, 64)),
 ])
 def test_token_grid(family, size, grid):
     assert token_grid(family, *size) == grid
@@ -114,6 +130,8 @@ def test_token_grid(family, size, grid):
     (("ltx", 512, 704, 85), r"num_frames must be 8k \+ 1"),
     (("flux", 1024, 1024, 9), "images: num_frames must be None"),
     (("mochi", 480, 848, 31), "family must be one of"),
+    (("wan_animate", 720, 1280, 76), r"segment_frame_length must be 4k \+ 1"),
+    (("hunyuan_video15", 480, 840, 121), "width must be a positive multiple of 16"),
 ])
 def test_token_grid_errors(args, match):
     with pytest.raises(ValueError, match=match):
@@ -219,7 +237,7 @@ BAD = {
     "bad frame count": (edited(generation__num_frames=80), r"generation: num_frames must be 4k \+ 1"),
     "missing frames": (edited(generation__num_frames=...), "generation.num_frames is required"),
     "generation not a mapping": (edited(generation="480p"), "generation must be a mapping"),
-    "unknown family": (edited(family="wan3"), "family must be one of wan, hunyuan_video, cogvideox, flux, sd3, ltx, got 'wan3'"),
+    "unknown family": (edited(family="wan3"), "family must be one of wan, hunyuan_video, cogvideox, flux, sd3, ltx, .*got 'wan3'"),
     "unknown method": (edited(method="topk"), "method must be one of dense, window, radial, got 'topk'"),
     "unknown kind": (edited(pattern__kind="topk"), "pattern.kind must be one of dense, window, radial, got 'topk'"),
     "missing kind": (edited(pattern__kind=...), r"pattern.kind is required"),
@@ -249,6 +267,18 @@ BAD = {
     "image family with frames": (
         edited(family="flux", method="window", pattern={"kind": "window", "window": [21, None]}),
         r"generation.num_frames is not a setting of flux \(an image family: no num_frames\)"),
+    "num_frames for wan_animate": (
+        edited(family="wan_animate"),
+        r"generation.num_frames is not a setting of wan_animate \(its frames setting is segment_frame_length\)"),
+    "guidance for a guider family": (
+        edited(family="hunyuan_video15", generation={"height": 480, "width": 848, "num_frames": 121,
+                                                      "num_inference_steps": 50, "guidance_scale": 6.0}),
+        "generation.guidance_scale is not a setting of hunyuan_video15; allowed: height, width, num_frames, "
+        "num_inference_steps$"),
+    "bad true_cfg_scale": (
+        edited(family="qwen_image", method="window", pattern={"kind": "window", "window": [21, None]},
+               generation={"height": 1024, "width": 1024, "num_inference_steps": 50, "true_cfg_scale": -1}),
+        "generation.true_cfg_scale must be a number >= 0, got -1"),
     "not a mapping": ("- family\n- wan\n", "a preset must be a mapping"),
     "empty file": ("", "a preset must be a mapping .* got NoneType"),
     "invalid yaml": ("family: [wan\n", "not valid YAML"),
