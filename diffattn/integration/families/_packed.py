@@ -115,8 +115,10 @@ def attend_packed(core, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     if context_parallel_config(parallel_config) is not None:
         if "cp" not in _warned:
             _warned.add("cp")
-            logger.warning("diffattn: this call's dense tokens sit on both sides of the grid, which cannot be reordered "
-                           "under context parallelism; it runs dense")
+            runs = ", ".join(f"{kind} {n}" for kind, n in core.state.layout.runs)
+            logger.warning("diffattn: this call's dense tokens sit on both sides of the grid (model order: %s), which "
+                           "cannot be reordered under context parallelism (each rank holds a slice of that order); "
+                           "it runs diffusers' dense attention", runs)
         return core._dispatch(query, key, value, attn_mask, backend, parallel_config)
     to_layout, to_model = order
     query, key, value = (x.index_select(1, to_layout) for x in (query, key, value))
