@@ -9,12 +9,9 @@ import os
 
 import torch
 
-from .block_layout import BlockLayout, check_block_sizes, layout_tensors
-from .patterns.base import Pattern, as_grid3, sequence_mask_mod
-from .patterns.piecewise import Piecewise, block_statistics, piecewise_attention_reference, pooled_first_order
-from .patterns.topk import selected_classes, selected_mask_mod
-from .patterns.window import SlidingWindow
-from .reference import masked_attention_reference
+from .block_layout import check_block_sizes
+from .patterns.base import Pattern
+from .plan import get_plan
 from .tile_order import TileOrder
 from .tokens import TokenLayout
 
@@ -195,111 +192,21 @@ def _check_selection_use(pattern: Pattern, selection) -> None:
 
 
 def kernel_blocks(pattern: Pattern, head_dim: int, block_size=None, grid: tuple | None = None) -> tuple[int, int]:
-    """The kernel's (block_q, block_k): ``block_size`` or the head dim's default, capped by the
-    pattern's own block; for a tiled SlidingWindow (``grid`` needed), blocks whose tile-order
-    layout has no partial block (``SlidingWindow.tile_blocks``)."""
-    from .kernels import kernel_block_size
-
-    block_q, block_k = block_size or kernel_block_size(head_dim)
-    if isinstance(pattern, SlidingWindow) and pattern.tile is not None:
-        if grid is None:
+    """The kernel's (block_q, block_k) for ``pattern`` (``Pattern.kernel_blocks``): ``block_size``
+    or the head dim's default, capped by the pattern's own block; a tiled SlidingWindow's blocks
+    depend on ``grid``."""
+    if grid is None:
+        if getattr(pattern, "tile", None) is not None:
             raise ValueError(f"kernel_blocks needs the grid for a tiled SlidingWindow ({pattern!r}): its blocks "
                              "depend on the tile order of that grid")
-        return pattern.tile_blocks(tuple(grid), block_q, block_k, fixed=block_size is not None)
-    limit = pattern.kernel_block_limit()
-    if block_size is None and limit is not None:
-        block_q, block_k = min(block_q, limit), min(block_k, limit)
-    if limit is not None and (limit % block_q or limit % block_k):
-        raise ValueError(f"block_size (block_q, block_k) = {(block_q, block_k)!r}: {type(pattern).__name__} keeps "
-                         f"whole blocks of {limit} tokens, so kernel blocks must divide {limit}")
-    return block_q, block_k
+        grid = (1, 1)
+    return pattern.kernel_blocks(tuple(grid), head_dim, block_size)
 
 
 def tile_order_of(pattern: Pattern, layout: TokenLayout) -> TileOrder | None:
     """The token order the pattern's kernel runs in for ``layout``: a ``TileOrder`` for a tiled
     SlidingWindow, None (raster order) otherwise."""
-    return pattern.tile_order(layout) if isinstance(pattern, SlidingWindow) else None
-
-
-def in_kernel_order(order: TileOrder | None, *tensors: torch.Tensor) -> tuple:
-    """``[B, S, ...]`` tensors in the kernel's token order (unchanged when ``order`` is None)."""
-    return tensors if order is None else tuple(order.to_tiles(t) for t in tensors)
-
-
-def in_raster_order(order: TileOrder | None, *tensors: torch.Tensor) -> tuple:
-    """The kernel's ``[B, S, ...]`` results back in raster token order."""
-    return tensors if order is None else tuple(order.from_tiles(t) for t in tensors)
-
-
-def _attention_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: float, block_size, text_lens,
-                      selection=None) -> tuple:
-    from .kernels import block_sparse_attention
-
-    block_q, block_k = kernel_blocks(pattern, q.shape[-1], block_size, layout.grid)
-    order = tile_order_of(pattern, layout)
-    _, grid_h, grid_w = as_grid3(layout.grid)
-    if pattern.is_dense:
-        empty = torch.zeros((1, 1, 1), dtype=torch.int32, device=q.device)
-        empty_idx = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=q.device)
-        tensors = (empty, empty_idx, empty, empty_idx)
-        geometry = [0, 0, layout.text_start, layout.text_len, grid_h, grid_w]  # n_vis == 0: every row dense
-        mask_kind, params = 0, ()
-    elif not pattern.static:
-        keep = _select(pattern, q, k, layout, scale, selection, "triton")
-        classes = selected_classes(keep, pattern.block, block_q, block_k, layout.num_visual)
-        blocks = BlockLayout.from_classes(classes, block_q, block_k, layout.num_visual, fixed_width=True)
-        tensors = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
-        geometry = [layout.visual_start, layout.num_visual, layout.text_start, layout.text_len, grid_h, grid_w]
-        mask_kind, params = 0, ()
-    else:
-        tensors = layout_tensors(pattern.spec(), layout.grid, block_q, block_k, str(q.device))
-        geometry = [layout.visual_start, layout.num_visual, layout.text_start, layout.text_len, grid_h, grid_w]
-        mask_kind, params = pattern.kernel_mask(layout.grid)
-    window = list(params) + [1] * (12 - len(params))
-    q, k, v = in_kernel_order(order, q, k, v)
-    out, lse = block_sparse_attention(q, k, v, *tensors, geometry, window, mask_kind, scale, block_q, block_k, text_lens)
-    return in_raster_order(order, out, lse)
-
-
-def _piecewise_triton(q, k, v, pattern: Piecewise, layout: TokenLayout, scale: float, selection=None,
-                      text_lens=None) -> tuple:
-    from .kernels import piecewise_attention
-
-    first_order = pattern.first_order if pattern.order == 1 else None
-    if first_order == "exact":
-        raise ValueError("Piecewise first_order='exact' has no kernel: its per-block term costs as much as dense "
-                         "attention (O(S * NK * d^2)); use impl='reference', or first_order='pooled', 'shared' or 'lowrank'")
-    vs, nv, blk = layout.visual_start, layout.num_visual, pattern.block
-    q_vis, k_vis, v_vis = q[:, vs : vs + nv], k[:, vs : vs + nv], v[:, vs : vs + nv]
-    keep = _select(pattern, q, k, layout, scale, selection, "triton")
-    blocks = BlockLayout.from_classes(selected_classes(keep, blk, blk, blk, nv), blk, blk, nv, fixed_width=True)
-    stats = block_statistics(k_vis, v_vis, blk, first_order, pattern.rank)
-    kind = {None: 0, "pooled": 1, "shared": 2, "lowrank": 3}[first_order]
-    out, lse, share = piecewise_attention(
-        q, k, v, blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx, keep.to(torch.int8),
-        stats["k_mean"], stats["v_sum"], stats["size"], [vs, nv, layout.text_start, layout.text_len], scale, blk,
-        kind, text_lens, stats.get("u"), stats.get("w"))
-    if first_order in ("pooled", "shared"):
-        out[:, vs : vs + nv] += _first_order_term(q_vis, share[:, vs : vs + nv], keep, stats, first_order, blk,
-                                                  scale).to(out.dtype)
-    return out, lse
-
-
-def _first_order_term(q_vis, share, keep, stats: dict, first_order: str, block: int, scale: float) -> torch.Tensor:
-    """The pooled / shared first-order numerator term divided by each row's denominator:
-    ``scale * (share / norm) * (q @ H)`` ``[B, N, H, D]`` float32, with ``share = l_approx / l`` from
-    the kernel, ``H`` the query block's pooled matrix (``norm`` its pooled size) or the head's sum
-    over all blocks (``norm = N``). A batched matrix product outside the kernel (O(S d^2))."""
-    b, n, h, d = q_vis.shape
-    if first_order == "shared":
-        qh = torch.einsum("bnhd,bhde->bnhe", q_vis.float(), stats["h_sum"])
-        return (scale / n) * share[..., None] * qh
-    pooled_h, pooled_size = pooled_first_order(q_vis, keep, stats, block, scale)  # [B, H, NQ, D, D], [B, H, NQ]
-    nq = pooled_h.shape[2]
-    q_blocks = torch.nn.functional.pad(q_vis.float(), (0, 0, 0, 0, 0, nq * block - n)).view(b, nq, block, h, d)
-    qh = torch.einsum("bnthd,bhnde->bnthe", q_blocks, pooled_h).reshape(b, nq * block, h, d)[:, :n]
-    norm = pooled_size.transpose(1, 2).repeat_interleave(block, dim=1)[:, :n]  # [B, N, H]
-    return scale * (share / norm)[..., None] * qh
+    return pattern.tile_order(layout)
 
 
 def attention(
@@ -359,34 +266,23 @@ def attention(
         check_block_sizes(*block_size)
     _check_text_lens(text_lens, q, layout)
     _check_selection_use(pattern, selection)
-    pattern.validate(layout.grid)
     chosen, why = choose_impl(impl, q.device)
     if not torch.compiler.is_compiling():
         logger.debug("diffattn.attention: %s (%s)", chosen, why)
     scale = _scale(scale, q.shape[-1])
+    if chosen == "triton":  # the call site's plan: validated and built on first use
+        plan = get_plan(pattern, layout, q.shape[-1], q.device, None if block_size is None else tuple(block_size))
+    else:
+        pattern.validate(layout.grid)
+        if block_size is not None:
+            pattern.kernel_blocks(layout.grid, q.shape[-1], tuple(block_size))
     if q.numel() == 0:  # B == 0 or H == 0: an empty result, as torch's SDPA gives
         out, lse = torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         return (out, lse) if return_lse else out
-    if isinstance(pattern, Piecewise):
-        if block_size is not None and tuple(block_size) != (pattern.block, pattern.block):
-            raise ValueError(f"block_size={tuple(block_size)!r}: Piecewise runs blocks of its own block size "
-                             f"({pattern.block}, {pattern.block}); leave block_size out or set Piecewise(block=...)")
-        if chosen == "reference":
-            padding = None if text_lens is None else text_key_padding(text_lens, layout)
-            out, lse = piecewise_attention_reference(q, k, v, pattern, layout, scale=scale, key_padding=padding,
-                                                     selection=_select(pattern, q, k, layout, scale, selection, "reference"))
-        else:
-            out, lse = _piecewise_triton(q, k, v, pattern, layout, scale, selection, text_lens)
-    elif chosen == "reference":
-        if pattern.is_dense:
-            mask_mod = None
-        elif not pattern.static:
-            keep = _select(pattern, q, k, layout, scale, selection, "reference")
-            mask_mod = sequence_mask_mod(selected_mask_mod(keep, pattern.block), layout)
-        else:
-            mask_mod = pattern.mask_mod(layout, q.device)
-        padding = None if text_lens is None else text_key_padding(text_lens, layout)
-        out, lse = masked_attention_reference(q, k, v, mask_mod, scale=scale, key_padding=padding)
+    if chosen == "triton":
+        out, lse = plan.attention(q, k, v, scale, text_lens, selection)
     else:
-        out, lse = _attention_triton(q, k, v, pattern, layout, scale, block_size, text_lens, selection)
+        padding = None if text_lens is None else text_key_padding(text_lens, layout)
+        keep = None if pattern.static else _select(pattern, q, k, layout, scale, selection, "reference")
+        out, lse = pattern.reference_attention(q, k, v, layout, scale, padding, keep)
     return (out, lse) if return_lse else out

@@ -19,11 +19,11 @@ import functools
 import torch
 
 from .attention import (_check, _check_selection_use, _check_text_lens, _scale, _select, attention, choose_impl,
-                        in_kernel_order, in_raster_order, kernel_blocks, tile_order_of)
-from .block_layout import BlockLayout, build_block_layout, check_block_sizes, complement_layout_tensors, layout_tensors
-from .patterns.base import EMPTY, FULL, MASK_BOUNDS, Pattern, as_grid3, pattern_from_spec
-from .patterns.piecewise import Piecewise
-from .patterns.topk import selected_classes, selected_mask_mod
+                        kernel_blocks)  # noqa: F401  (kernel_blocks: imported from here by benchmarks)
+from .block_layout import BlockLayout, build_block_layout, check_block_sizes
+from .patterns.base import EMPTY, FULL, Pattern, as_grid3, pattern_from_spec
+from .patterns.topk import selected_mask_mod
+from .plan import get_plan
 from .reference import masked_attention_reference
 from .tokens import TokenLayout
 
@@ -89,11 +89,6 @@ def _check_merge(out_1, lse_1, out_2, lse_2) -> None:
                          + ", ".join(str(t.device) for _, t in named))
 
 
-def _geometry(layout: TokenLayout) -> list[int]:
-    _, grid_h, grid_w = as_grid3(layout.grid)
-    return [layout.visual_start, layout.num_visual, layout.text_start, layout.text_len, grid_h, grid_w]
-
-
 def external_only_layout(classes: torch.Tensor, block_q: int, block_k: int, num_tokens: int,
                          fixed_width: bool = False) -> BlockLayout:
     """The key blocks wholly outside a pattern (its EMPTY ``classes``, ``int8 [..., NQ, NK]``) as a
@@ -115,7 +110,7 @@ def _external_only_cached(spec: tuple, grid: tuple, block_q: int, block_k: int, 
 
 @torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=64)
-def _max_partial_blocks(spec: tuple, grid: tuple, block_q: int, block_k: int) -> int:
+def max_partial_blocks(spec: tuple, grid: tuple, block_q: int, block_k: int) -> int:
     """The most partial key blocks of one query block in a static pattern's (CPU) layout."""
     blocks = build_block_layout(pattern_from_spec(spec), grid, block_q, block_k, "cpu")
     return int(blocks.part_num.max()) if blocks.part_num.numel() else 0
@@ -133,8 +128,9 @@ def _check_partials_call(q, k, v, pattern: Pattern, layout: TokenLayout, impl: s
     """Argument checks shared by the partials' entry points; returns the implementation to run."""
     _check(q, k, v, pattern, layout, True)
     _check_selection_use(pattern, selection)
-    if isinstance(pattern, Piecewise):
-        raise ValueError("Piecewise already covers every key (exactly or approximately): it has no external part")
+    if pattern.covers_every_key:
+        raise ValueError(f"{type(pattern).__name__} already covers every key (exactly or approximately): it has no "
+                         "external part")
     if block_size is not None:
         if not isinstance(block_size, (tuple, list)) or len(block_size) != 2:
             raise ValueError(f"block_size must be (block_q, block_k), got {block_size!r}")
@@ -153,8 +149,7 @@ def external_attention(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
     n = layout.num_visual
     if pattern.is_dense or q.numel() == 0:  # no external keys, or B == 0 / H == 0
         return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
-    if not pattern.static:
-        keep = _select(pattern, q, k, layout, scale, selection, chosen)
+    keep = None if pattern.static else _select(pattern, q, k, layout, scale, selection, chosen)
     if chosen == "reference":
         inner = selected_mask_mod(keep, pattern.block) if not pattern.static else pattern.visual_mask_mod(layout.grid, q.device)
         vs = layout.visual_start
@@ -165,54 +160,8 @@ def external_attention(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
             return visual & ~inner(qv.clamp(0, n - 1), kv.clamp(0, n - 1))
 
         return masked_attention_reference(q, k, v, mask, scale=scale)
-    from .kernels import block_sparse_attention
-
-    block_q, block_k = kernel_blocks(pattern, q.shape[-1], block_size, layout.grid)
-    geometry = _geometry(layout)
-    if pattern.static:
-        tensors = complement_layout_tensors(pattern.spec(), layout.grid, block_q, block_k, str(q.device))
-        mask_kind, params = pattern.kernel_mask(layout.grid)
-    else:
-        blocks = BlockLayout.from_classes(selected_classes(~keep, pattern.block, block_q, block_k, n), block_q, block_k, n,
-                                          fixed_width=True)
-        tensors = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
-        mask_kind, params = 0, ()
-    window = list(params) + [1] * (12 - len(params))
-    order = tile_order_of(pattern, layout)
-    q, k, v = in_kernel_order(order, q, k, v)
-    out, lse = block_sparse_attention(q, k, v, *tensors, geometry, window, mask_kind, scale, block_q, block_k, None, True)
-    return in_raster_order(order, out, lse)
-
-
-def _partials_triton(q, k, v, pattern: Pattern, layout: TokenLayout, scale: float, block_size, text_lens,
-                     selection: torch.Tensor | None) -> tuple:
-    """Both partials from the one-pass kernel (``block_sparse_partials``)."""
-    from .kernels import block_sparse_partials
-
-    block_q, block_k = kernel_blocks(pattern, q.shape[-1], block_size, layout.grid)
-    device = str(q.device)
-    if pattern.static:
-        internal = layout_tensors(pattern.spec(), layout.grid, block_q, block_k, device)
-        external = external_only_layout_tensors(pattern.spec(), layout.grid, block_q, block_k, device)
-        mask_kind, params = pattern.kernel_mask(layout.grid)
-        if mask_kind == MASK_BOUNDS and _max_partial_blocks(pattern.spec(), layout.grid, block_q, block_k) > 1:
-            # the kernel visits at most one partial block (the short last one) without a window mask
-            raise ValueError(f"{pattern!r} has partial blocks that only sequence bounds mask; the partials kernel "
-                             "cannot run it (use impl='reference')")
-    else:
-        n = layout.num_visual
-        classes = selected_classes(_select(pattern, q, k, layout, scale, selection, "triton"), pattern.block, block_q, block_k, n)
-        blocks = BlockLayout.from_classes(classes, block_q, block_k, n, fixed_width=True)
-        outside = external_only_layout(classes, block_q, block_k, n, fixed_width=True)
-        internal = (blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx)
-        external = (outside.full_num, outside.full_idx, outside.part_num)
-        mask_kind, params = 0, ()
-    window = list(params) + [1] * (12 - len(params))
-    order = tile_order_of(pattern, layout)
-    q, k, v = in_kernel_order(order, q, k, v)
-    partials = block_sparse_partials(q, k, v, *internal, *external, _geometry(layout), window, mask_kind, scale,
-                                     block_q, block_k, text_lens)
-    return in_raster_order(order, *partials)
+    plan = get_plan(pattern, layout, q.shape[-1], q.device, None if block_size is None else tuple(block_size))
+    return plan.external(q, k, v, scale, keep)
 
 
 def attention_partials(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: str = "auto", scale: float | None = None,
@@ -253,7 +202,8 @@ def attention_partials(q, k, v, pattern: Pattern, *, layout: TokenLayout, impl: 
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         return torch.empty_like(q), lse, torch.empty_like(q), lse.clone()
     if chosen == "triton" and not pattern.is_dense and layout.num_visual:
-        return _partials_triton(q, k, v, pattern, layout, scale, block_size, text_lens, selection)
+        plan = get_plan(pattern, layout, q.shape[-1], q.device, None if block_size is None else tuple(block_size))
+        return plan.partials(q, k, v, scale, text_lens, selection)
     if not pattern.static and selection is None and not pattern.is_dense:
         selection = _select(pattern, q, k, layout, scale, None, chosen)
     out_in, lse_in = attention(q, k, v, pattern, layout=layout, impl=impl, return_lse=True, scale=scale,

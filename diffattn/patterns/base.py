@@ -37,6 +37,8 @@ class Pattern:
 
     #: True for patterns whose layout depends only on geometry, not on q/k values.
     static: bool = True
+    #: True for patterns that account for every key (exactly or approximately): no external part.
+    covers_every_key: bool = False
 
     def validate(self, grid: tuple) -> None:
         """Raise ValueError if this pattern cannot be applied to ``grid``."""
@@ -72,6 +74,50 @@ class Pattern:
     def kernel_block_limit(self) -> int | None:
         """Largest kernel block size this pattern supports (None: any)."""
         return None
+
+    # --- how the kernels run it (diffattn.plan) -------------------------------------
+
+    def kernel_blocks(self, grid: tuple, head_dim: int, block_size=None) -> tuple[int, int]:
+        """The kernel's ``(block_q, block_k)`` on ``grid``: ``block_size`` or the head dim's
+        default, capped by ``kernel_block_limit``."""
+        from ..kernels import kernel_block_size
+
+        block_q, block_k = block_size or kernel_block_size(head_dim)
+        limit = self.kernel_block_limit()
+        if block_size is None and limit is not None:
+            block_q, block_k = min(block_q, limit), min(block_k, limit)
+        if limit is not None and (limit % block_q or limit % block_k):
+            raise ValueError(f"block_size (block_q, block_k) = {(block_q, block_k)!r}: {type(self).__name__} keeps "
+                             f"whole blocks of {limit} tokens, so kernel blocks must divide {limit}")
+        return block_q, block_k
+
+    def tile_order(self, layout: TokenLayout):
+        """The token order the kernel runs in for ``layout``: a ``TileOrder``, or None (raster)."""
+        return None
+
+    def make_plan(self, layout: TokenLayout, head_dim: int, device, block_size=None):
+        """The kernels' plan at one call site (``diffattn.plan``); called once per call site.
+        Static patterns get a ``StaticPlan`` (their layouts built here, on ``device``)."""
+        from ..plan import StaticPlan
+
+        if not self.static:
+            raise NotImplementedError(f"{type(self).__name__} is dynamic and must define make_plan")
+        return StaticPlan(self, layout, head_dim, device, block_size)
+
+    def reference_attention(self, q, k, v, layout: TokenLayout, scale: float, key_padding=None, keep=None):
+        """The torch reference (``masked_attention_reference`` under this pattern's mask);
+        ``keep``: a dynamic pattern's kept blocks ``bool [B, H, NQ, NK]``."""
+        from ..reference import masked_attention_reference
+
+        if self.is_dense:
+            mask_mod = None
+        elif self.static:
+            mask_mod = self.mask_mod(layout, q.device)
+        else:
+            from .topk import selected_mask_mod
+
+            mask_mod = sequence_mask_mod(selected_mask_mod(keep, self.block), layout)
+        return masked_attention_reference(q, k, v, mask_mod, scale=scale, key_padding=key_padding)
 
     # --- shared, text-aware helpers -------------------------------------------------
 

@@ -25,6 +25,11 @@ class Dense(Pattern):
     def spec(self) -> tuple:
         return ("Dense",)
 
+    def make_plan(self, layout, head_dim: int, device, block_size=None):
+        from ..plan import DensePlan
+
+        return DensePlan(self, layout, head_dim, device, block_size)
+
     def visual_mask_mod(self, grid: tuple, device=None) -> MaskMod:
         def mask(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
             return torch.ones(torch.broadcast_shapes(q.shape, kv.shape), dtype=torch.bool, device=q.device)

@@ -70,6 +70,7 @@ class Piecewise(Pattern):
     rank: int = 4
 
     static = False
+    covers_every_key = True
 
     def __post_init__(self):
         try:  # the same rules for density and block as BlockTopK's
@@ -93,6 +94,21 @@ class Piecewise(Pattern):
 
     def kernel_block_limit(self) -> int | None:
         return self.block
+
+    def kernel_blocks(self, grid: tuple, head_dim: int, block_size=None) -> tuple[int, int]:
+        if block_size is not None and tuple(block_size) != (self.block, self.block):
+            raise ValueError(f"block_size={tuple(block_size)!r}: Piecewise runs blocks of its own block size "
+                             f"({self.block}, {self.block}); leave block_size out or set Piecewise(block=...)")
+        return self.block, self.block
+
+    def make_plan(self, layout, head_dim: int, device, block_size=None):
+        from ..plan import PiecewisePlan
+
+        return PiecewisePlan(self, layout, head_dim, device, block_size)
+
+    def reference_attention(self, q, k, v, layout, scale: float, key_padding=None, keep=None):
+        return piecewise_attention_reference(q, k, v, self, layout, scale=scale, key_padding=key_padding,
+                                             selection=keep)
 
     def select(self, q_vis: torch.Tensor, k_vis: torch.Tensor, scale: float) -> torch.Tensor:
         return self.selector.select(q_vis, k_vis, scale)

@@ -116,6 +116,11 @@ class BlockTopK(Pattern):
     def spec(self) -> tuple:
         return ("BlockTopK", self.density, self.cdf, self.block, self.keep_diagonal, self.keep_sink, self.similarity)
 
+    def make_plan(self, layout, head_dim: int, device, block_size=None):
+        from ..plan import SelectedPlan
+
+        return SelectedPlan(self, layout, head_dim, device, block_size)
+
     def kernel_block_limit(self) -> int | None:
         return self.block
 

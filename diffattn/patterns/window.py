@@ -240,6 +240,16 @@ class SlidingWindow(Pattern):
         """The token order the kernel runs in for ``layout`` (None: raster order)."""
         return None if self.tile is None else TileOrder(layout, self.tile_shape(layout.grid))
 
+    def kernel_blocks(self, grid: tuple, head_dim: int, block_size=None) -> tuple[int, int]:
+        """As ``Pattern.kernel_blocks``; with a tile, blocks whose tile-order layout has no
+        partial block (``tile_blocks``)."""
+        if self.tile is None:
+            return super().kernel_blocks(grid, head_dim, block_size)
+        from ..kernels import kernel_block_size
+
+        block_q, block_k = block_size or kernel_block_size(head_dim)
+        return self.tile_blocks(tuple(grid), block_q, block_k, fixed=block_size is not None)
+
     def tile_blocks(self, grid: tuple, block_q: int, block_k: int, fixed: bool = False) -> tuple[int, int]:
         """Kernel blocks for the tile-order layout, which must have no partial block (the kernel
         evaluates no window mask there).
