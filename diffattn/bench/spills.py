@@ -213,14 +213,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="JSON file to write (default: print only)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10, default 90 (H100 / H200)")
-    parser.add_argument("--only", help="substring of the labels to compile (default: all)")
+    parser.add_argument("--only", action="append",
+                        help="compile the labels containing this substring (repeatable; default: all)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
         return 2
     rows = []
     for spec in runtime_specializations():
-        if args.only and args.only not in spec.label:
+        if args.only and not any(part in spec.label for part in args.only):
             continue
         r = compile_resources(spec, args.arch)
         rows.append(r)
