@@ -24,7 +24,7 @@ from diffattn.presets import load_preset
 
 WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
            freq_dim=8, ffn_dim=16, num_layers=2, rope_max_seq_len=32)
-SMALL = ["--steps", "2", "--size", "64x64", "--frames", "5", "--no-progress"]  # token grid 2x4x4
+SMALL = ["--steps", "1", "--size", "64x64", "--frames", "5", "--no-progress"]  # token grid 2x4x4
 
 # pipeline class -> (transformer class, tiny constructor arguments, family, preset)
 INDEX_ONLY = {
