@@ -214,13 +214,6 @@ def complement_classes(classes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.compiler.assume_constant_result
-def complement_layout_tensors(spec: tuple, grid: tuple, block_q: int, block_k: int, device: str) -> tuple:
-    """Like ``layout_tensors``, for the complement of the pattern (the step cache's external part)."""
-    blocks = build_block_layout(pattern_from_spec(spec), grid, block_q, block_k, device, complement=True)
-    return blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx
-
-
 def build_block_layout(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device="cpu",
                        complement: bool = False) -> BlockLayout:
     """The BlockLayout of a static ``pattern`` on ``grid`` at the given block sizes, cached per

@@ -20,8 +20,8 @@ import torch
 
 from .attention import (_check, _check_selection_use, _check_text_lens, _scale, _select, attention, choose_impl,
                         kernel_blocks)  # noqa: F401  (kernel_blocks: imported from here by benchmarks)
-from .block_layout import BlockLayout, build_block_layout, check_block_sizes
-from .patterns.base import EMPTY, FULL, Pattern, as_grid3, pattern_from_spec
+from .block_layout import build_block_layout, check_block_sizes
+from .patterns.base import Pattern, pattern_from_spec
 from .patterns.topk import selected_mask_mod
 from .plan import get_plan
 from .reference import masked_attention_reference
@@ -89,39 +89,12 @@ def _check_merge(out_1, lse_1, out_2, lse_2) -> None:
                          + ", ".join(str(t.device) for _, t in named))
 
 
-def external_only_layout(classes: torch.Tensor, block_q: int, block_k: int, num_tokens: int,
-                         fixed_width: bool = False) -> BlockLayout:
-    """The key blocks wholly outside a pattern (its EMPTY ``classes``, ``int8 [..., NQ, NK]``) as a
-    BlockLayout: ``full_*`` lists them, ``part_*`` holds the last key block when it is shorter
-    than ``block_k`` (the kernel then masks the sequence bounds). ``fixed_width`` as for
-    ``BlockLayout.from_classes``."""
-    outside = (classes == EMPTY).to(torch.int8) * (FULL - EMPTY) + EMPTY
-    return BlockLayout.from_classes(outside, block_q, block_k, num_tokens, fixed_width)
-
-
-@functools.lru_cache(maxsize=64)
-def _external_only_cached(spec: tuple, grid: tuple, block_q: int, block_k: int, device: str) -> BlockLayout:
-    # the pattern's own layout keeps the EMPTY blocks of its classes; it is built and cached already
-    classes = build_block_layout(pattern_from_spec(spec), grid, block_q, block_k, "cpu").classes()
-    f_n, h_n, w_n = as_grid3(grid)
-    layout = external_only_layout(classes, block_q, block_k, f_n * h_n * w_n)
-    return layout if device == "cpu" else layout.to(device)
-
-
 @torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=64)
 def max_partial_blocks(spec: tuple, grid: tuple, block_q: int, block_k: int) -> int:
     """The most partial key blocks of one query block in a static pattern's (CPU) layout."""
     blocks = build_block_layout(pattern_from_spec(spec), grid, block_q, block_k, "cpu")
     return int(blocks.part_num.max()) if blocks.part_num.numel() else 0
-
-
-@torch.compiler.assume_constant_result
-def external_only_layout_tensors(spec: tuple, grid: tuple, block_q: int, block_k: int, device: str) -> tuple:
-    """``(ext_num, ext_idx, ext_tail)`` of a static pattern (``pattern_from_spec(spec)``) for the
-    one-pass partials kernel, cached per (pattern, grid, block sizes, device)."""
-    blocks = _external_only_cached(spec, tuple(grid), block_q, block_k, device)
-    return blocks.full_num, blocks.full_idx, blocks.part_num
 
 
 def _check_partials_call(q, k, v, pattern: Pattern, layout: TokenLayout, impl: str, block_size, selection=None) -> str:

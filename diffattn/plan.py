@@ -8,8 +8,8 @@ launch; nothing is validated, looked up or rebuilt per call. Each pattern says w
 needs (``Pattern.make_plan``): a new pattern is one module that knows how to make its plan, and
 ``diffattn.attention`` and the partials only execute plans.
 
-- ``StaticPlan``: layouts that depend on geometry only (windows, Radial); the complement and
-  external-only layouts of the step cache's partials are built on first use and kept.
+- ``StaticPlan``: layouts that depend on geometry only (windows, Radial). The step cache's
+  external part needs no layout of its own: the kernels walk the complement of the pattern's.
 - ``DensePlan``: every row dense, no layout.
 - ``SelectedPlan``: BlockTopK; the kept blocks come from q and k on every call (or the caller's
   ``selection``), turned into fixed-width block lists on the device without a host read.
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_layout import BlockLayout, complement_layout_tensors, layout_tensors
+from .block_layout import BlockLayout, layout_tensors
 from .patterns.base import MASK_BOUNDS, Pattern, as_grid3
 from .tile_order import TileOrder
 from .tokens import TokenLayout
@@ -98,13 +98,8 @@ class AttentionPlan:
         """``(full_num, full_idx, part_num, part_idx)`` of the pattern's keys."""
         raise NotImplementedError
 
-    def complement_blocks(self, q, k, scale: float, selection) -> tuple:
-        """The same for the visual keys outside the pattern (external attention)."""
-        raise NotImplementedError
-
-    def external_only_blocks(self, q, k, scale: float, selection) -> tuple:
-        """``(ext_num, ext_idx, ext_tail)``: key blocks wholly outside, for the one-pass partials."""
-        raise NotImplementedError
+    def check_external(self) -> None:
+        """Raise if the kernels cannot walk this layout's complement (see ``StaticPlan``)."""
 
     # launches
     def attention(self, q, k, v, scale: float, text_lens=None, selection=None) -> tuple:
@@ -119,7 +114,8 @@ class AttentionPlan:
     def external(self, q, k, v, scale: float, selection=None) -> tuple:
         from .kernels import block_sparse_attention
 
-        tensors = self.complement_blocks(q, k, scale, selection)
+        self.check_external()  # the kernel walks the complement of the pattern's own layout
+        tensors = self.internal_blocks(q, k, scale, selection)
         q, k, v = in_kernel_order(self.order, q, k, v)
         out, lse = block_sparse_attention(q, k, v, *tensors, self.geometry, self.window, self.mask_kind, scale,
                                           self.block_q, self.block_k, None, True)
@@ -128,10 +124,10 @@ class AttentionPlan:
     def partials(self, q, k, v, scale: float, text_lens=None, selection=None) -> tuple:
         from .kernels import block_sparse_partials
 
+        self.check_external()
         internal = self.internal_blocks(q, k, scale, selection)
-        external = self.external_only_blocks(q, k, scale, selection)
         q, k, v = in_kernel_order(self.order, q, k, v)
-        partials = block_sparse_partials(q, k, v, *internal, *external, self.geometry, self.window, self.mask_kind,
+        partials = block_sparse_partials(q, k, v, *internal, self.geometry, self.window, self.mask_kind,
                                          scale, self.block_q, self.block_k, text_lens)
         return in_raster_order(self.order, *partials)
 
@@ -157,30 +153,21 @@ class StaticPlan(AttentionPlan):
         super().__init__(pattern, layout, head_dim, device, block_size)
         self._args = (pattern.spec(), layout.grid, self.block_q, self.block_k, str(self.device))
         self._internal = layout_tensors(*self._args)
-        self._complement = self._external_only = None
+        self._external_checked = False
 
     def internal_blocks(self, q, k, scale, selection):
         return self._internal
 
-    def complement_blocks(self, q, k, scale, selection):
-        if torch.compiler.is_compiling():
-            return complement_layout_tensors(*self._args)
-        if self._complement is None:
-            self._complement = complement_layout_tensors(*self._args)
-        return self._complement
+    def check_external(self) -> None:
+        if self._external_checked or torch.compiler.is_compiling():
+            return
+        from .partials import max_partial_blocks
 
-    def external_only_blocks(self, q, k, scale, selection):
-        from .partials import external_only_layout_tensors, max_partial_blocks
-
-        if torch.compiler.is_compiling():
-            return external_only_layout_tensors(*self._args)
-        if self._external_only is None:
-            if self.mask_kind == MASK_BOUNDS and max_partial_blocks(*self._args[:4]) > 1:
-                # the partials kernel visits at most one partial block (the short last one) without a window mask
-                raise ValueError(f"{self.pattern!r} has partial blocks that only sequence bounds mask; the partials "
-                                 "kernel cannot run it (use impl='reference')")
-            self._external_only = external_only_layout_tensors(*self._args)
-        return self._external_only
+        if self.mask_kind == MASK_BOUNDS and max_partial_blocks(*self._args[:4]) > 1:
+            # without a window mask the kernels take a partial block for the short last one
+            raise ValueError(f"{self.pattern!r} has partial blocks that only sequence bounds mask; the partials "
+                             "kernels cannot run it (use impl='reference')")
+        self._external_checked = True
 
 
 class SelectedPlan(AttentionPlan):
@@ -209,23 +196,6 @@ class SelectedPlan(AttentionPlan):
 
     def internal_blocks(self, q, k, scale, selection):
         return self._blocks(self.kept(q, k, scale, selection))
-
-    def complement_blocks(self, q, k, scale, selection):
-        return self._blocks(~self.kept(q, k, scale, selection))
-
-    def partials(self, q, k, v, scale, text_lens=None, selection=None):
-        from .kernels import block_sparse_partials
-        from .partials import external_only_layout
-        from .patterns.base import EMPTY, FULL
-
-        kept = self.kept(q, k, scale, selection)
-        classes = kept.to(torch.int8) * (FULL - EMPTY) + EMPTY
-        n = self.layout.num_visual
-        blocks = BlockLayout.from_classes(classes, self.block_q, self.block_k, n, fixed_width=True)
-        outside = external_only_layout(classes, self.block_q, self.block_k, n, fixed_width=True)
-        return block_sparse_partials(q, k, v, blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx,
-                                     outside.full_num, outside.full_idx, outside.part_num, self.geometry, self.window,
-                                     self.mask_kind, scale, self.block_q, self.block_k, text_lens)
 
 
 class PiecewisePlan(AttentionPlan):

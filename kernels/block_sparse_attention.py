@@ -11,9 +11,9 @@ Text keys may be padded per batch row (HunyuanVideo): with ``HAS_TEXT_LENS`` onl
 ``TextLens[b]`` text tokens are attended; the padding is a suffix of the text segment.
 
 ``block_sparse_attn_fwd_kernel`` computes the pattern's attention. With ``EXTERNAL`` it computes
-the complement instead: visual queries over the visual keys the pattern does not attend (the
-layout is the complement layout; window masks are inverted inside partial blocks) and no text
-keys; the launcher runs no text query blocks.
+the complement instead: visual queries over the visual keys the pattern does not attend (from
+the pattern's own layout: the key blocks in neither list, and the window mask inverted inside
+its partial blocks) and no text keys; the launcher runs no text query blocks.
 
 ``block_sparse_partials_fwd_kernel`` computes both partials in one pass: each visual query
 block walks every visual key block once and keeps two online softmaxes, the *internal* one
@@ -189,6 +189,41 @@ def _attend_listed_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, num_ptr, idx
 
 
 @triton.jit
+def _attend_unlisted_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, full_num, full_idx_ptr, part_num, part_idx_ptr,
+                            vis_start, n_vis, seq_len, stride_ks, stride_vs, qk_scale,
+                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The visual key blocks in neither ascending list (``full_num`` / ``part_num`` entries at
+    ``full_idx_ptr`` / ``part_idx_ptr``): the complement of a layout, walked here so that no
+    complement layout (O(NQ x NK) entries) is ever built. The short last block is bounds-masked."""
+    n_blocks = tl.cdiv(n_vis, BLOCK_N)
+    n_whole = n_vis // BLOCK_N
+    next_full = tl.load(full_idx_ptr, mask=full_num > 0, other=n_blocks)
+    next_part = tl.load(part_idx_ptr, mask=part_num > 0, other=n_blocks)
+    fi = 0
+    pi = 0
+    no_mask = tl.full((BLOCK_M, BLOCK_N), 1, tl.int1)
+    for j in range(n_whole):
+        if j == next_full:
+            fi += 1
+            next_full = tl.load(full_idx_ptr + fi, mask=fi < full_num, other=n_blocks)
+        elif j == next_part:
+            pi += 1
+            next_part = tl.load(part_idx_ptr + pi, mask=pi < part_num, other=n_blocks)
+        else:
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, vis_start + j * BLOCK_N, no_mask,
+                                          seq_len, stride_ks, stride_vs, qk_scale,
+                                          HEAD_DIM, BLOCK_D, BLOCK_N, False, UPCAST, DOT_PRECISION)
+    if (n_whole < n_blocks) & (next_full != n_whole) & (next_part != n_whole):
+        start = n_whole * BLOCK_N
+        in_seq = tl.broadcast_to(((start + tl.arange(0, BLOCK_N)) < n_vis)[None, :], (BLOCK_M, BLOCK_N))
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, vis_start + start, in_seq,
+                                      vis_start + n_vis, stride_ks, stride_vs, qk_scale,
+                                      HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attend_all_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end, seq_len,
                      stride_ks, stride_vs, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -281,14 +316,23 @@ def block_sparse_attn_fwd_kernel(
         if MASK_KIND == 1:  # window starts of this block's queries, once for all key blocks
             g_f, st_f, g_h, st_h, g_w, st_w = _window_starts(q_loc, grid_h, grid_w, n_f, k_f, s_f, r_f,
                                                              n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w)
-        acc, l_i, m_i = _attend_listed_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d,
-                                              FullNum + b * stride_fnb + h * stride_fnh + pid_m * stride_fnm,
-                                              FullIdx + b * stride_fib + h * stride_fih + pid_m * stride_fim,
-                                              vis_start, seq_len, stride_ks, stride_vs, qk_scale,
-                                              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+        fn_ptr = FullNum + b * stride_fnb + h * stride_fnh + pid_m * stride_fnm
+        fi_ptr = FullIdx + b * stride_fib + h * stride_fih + pid_m * stride_fim
         pn_ptr = PartNum + b * stride_pnb + h * stride_pnh + pid_m * stride_pnm
         pi_ptr = PartIdx + b * stride_pib + h * stride_pih + pid_m * stride_pim
-        for i in range(tl.load(pn_ptr)):
+        if EXTERNAL:  # the blocks the layout does not list; its full blocks are wholly internal
+            acc, l_i, m_i = _attend_unlisted_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, tl.load(fn_ptr), fi_ptr,
+                                                    tl.load(pn_ptr), pi_ptr, vis_start, n_vis, seq_len,
+                                                    stride_ks, stride_vs, qk_scale,
+                                                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+        else:
+            acc, l_i, m_i = _attend_listed_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_d, fn_ptr, fi_ptr,
+                                                  vis_start, seq_len, stride_ks, stride_vs, qk_scale,
+                                                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
+        # partial blocks: the window mask inside them (inverted for EXTERNAL); block-granular
+        # patterns' partial blocks are bounds-masked only, wholly internal
+        n_partial = tl.load(pn_ptr) if (MASK_KIND == 1 or not EXTERNAL) else 0
+        for i in range(n_partial):
             start = tl.load(pi_ptr + i) * BLOCK_N
             k_loc = start + tl.arange(0, BLOCK_N)
             key_mask = tl.broadcast_to((k_loc < n_vis)[None, :], (BLOCK_M, BLOCK_N))
@@ -320,7 +364,7 @@ def block_sparse_attn_fwd_kernel(
 @triton.jit
 def block_sparse_partials_fwd_kernel(
     Q, K, V, OutIn, LseIn, OutEx, LseEx,
-    FullNum, FullIdx, PartNum, PartIdx, ExtNum, ExtIdx, ExtTail, Coords, TextLens,
+    FullNum, FullIdx, PartNum, PartIdx, Coords, TextLens,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -330,9 +374,6 @@ def block_sparse_partials_fwd_kernel(
     stride_fib, stride_fih, stride_fim,
     stride_pnb, stride_pnh, stride_pnm,
     stride_pib, stride_pih, stride_pim,
-    stride_enb, stride_enh, stride_enm,
-    stride_eib, stride_eih, stride_eim,
-    stride_etb, stride_eth, stride_etm,
     num_heads, seq_len, vis_start, n_vis, dense_start, dense_len, text_start, text_len, n_vis_q_blocks,
     grid_h, grid_w,
     n_f, k_f, s_f, r_f, n_h, k_h, s_h, r_h, n_w, k_w, s_w, r_w,
@@ -343,10 +384,10 @@ def block_sparse_partials_fwd_kernel(
 ):
     """Internal and external partials in one pass over the key blocks.
 
-    The internal layout (FullNum .. PartIdx) lists the pattern's key blocks; ExtNum / ExtIdx list
-    the key blocks wholly outside it, except a short last key block, which ExtTail (0 / 1 per query
-    block) marks. Every visual key block appears in exactly one of the three lists. Out and Lse of
-    both partials share strides.
+    The layout (FullNum .. PartIdx, ascending lists) holds the pattern's key blocks; every other
+    visual key block is wholly external and is found by walking the lists
+    (``_attend_unlisted_blocks``), so no external layout exists. Out and Lse of both partials
+    share strides.
     """
     pid_m = tl.program_id(0)
     b, h, is_visual, q_loc, rows, row_valid, q, k_ptrs, v_ptrs, offs_d, text_stop, text_end = _query_block(
@@ -393,18 +434,13 @@ def block_sparse_partials_fwd_kernel(
                                                      True, DOT_PRECISION)
             else:  # block-granular patterns: partial only through the sequence bounds
                 acc_in, l_in, m_in = _softmax_update(acc_in, l_in, m_in, qk, v, in_seq, qk_scale, True, DOT_PRECISION)
-        # the blocks outside the pattern: external only
-        acc_ex, l_ex, m_ex = _attend_listed_blocks(acc_ex, l_ex, m_ex, q, k_ptrs, v_ptrs, offs_d,
-                                                   ExtNum + b * stride_enb + h * stride_enh + pid_m * stride_enm,
-                                                   ExtIdx + b * stride_eib + h * stride_eih + pid_m * stride_eim,
-                                                   vis_start, seq_len, stride_ks, stride_vs, qk_scale,
-                                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
-        if tl.load(ExtTail + b * stride_etb + h * stride_eth + pid_m * stride_etm) != 0:
-            start = (n_vis // BLOCK_N) * BLOCK_N
-            in_seq = tl.broadcast_to(((start + tl.arange(0, BLOCK_N)) < n_vis)[None, :], (BLOCK_M, BLOCK_N))
-            acc_ex, l_ex, m_ex = _attend_block(acc_ex, l_ex, m_ex, q, k_ptrs, v_ptrs, offs_d, vis_start + start, in_seq,
-                                               vis_start + n_vis, stride_ks, stride_vs, qk_scale,
-                                               HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, DOT_PRECISION)
+        # the blocks outside the pattern (in neither list): external only
+        acc_ex, l_ex, m_ex = _attend_unlisted_blocks(acc_ex, l_ex, m_ex, q, k_ptrs, v_ptrs, offs_d,
+                                                     tl.load(FullNum + b * stride_fnb + h * stride_fnh + pid_m * stride_fnm),
+                                                     FullIdx + b * stride_fib + h * stride_fih + pid_m * stride_fim,
+                                                     tl.load(pn_ptr), pi_ptr, vis_start, n_vis, seq_len,
+                                                     stride_ks, stride_vs, qk_scale,
+                                                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION)
         # text keys are always internal
         acc_in, l_in, m_in = _attend_range(acc_in, l_in, m_in, q, k_ptrs, v_ptrs, offs_d, text_start, text_stop,
                                            stride_ks, stride_vs, qk_scale,

@@ -158,9 +158,10 @@ def block_sparse_attention(
         block_q, block_k: the layout's block sizes.
         text_lens: optional ``int32 [B]``: attended text tokens per batch row (the rest of the
             text segment is padding, masked for every query).
-        external: compute the complement partial (the layout must be the complement layout):
-            visual queries over the visual keys outside the pattern; text rows get out 0 and
-            lse -inf.
+        external: compute the complement partial from the pattern's own layout: visual queries
+            over the visual keys outside the pattern (the key blocks in neither list, and the
+            window mask inverted inside partial blocks); text rows get out 0 and lse -inf. The
+            lists must be ascending.
 
     Returns:
         ``out [B, S, H, D]`` (q's dtype) and ``lse [B, S, H]`` float32.
@@ -196,9 +197,6 @@ def block_sparse_partials(
     full_idx: torch.Tensor,
     part_num: torch.Tensor,
     part_idx: torch.Tensor,
-    ext_num: torch.Tensor,
-    ext_idx: torch.Tensor,
-    ext_tail: torch.Tensor,
     geometry: list[int],
     window: list[int],
     mask_kind: int,
@@ -212,10 +210,9 @@ def block_sparse_partials(
     Args:
         q, k, v, geometry, window, mask_kind, scale, block_q, block_k, text_lens: as for
             ``block_sparse_attention``; ``n_vis`` must be > 0 (a Dense pattern has no external part).
-        full_num, full_idx, part_num, part_idx: the pattern's BlockLayout (internal key blocks).
-        ext_num, ext_idx: ``int32 [Z, Hz, NQ]`` / ``[Z, Hz, NQ, *]``: the key blocks outside the
-            pattern, ascending, without a last key block shorter than ``block_k``.
-        ext_tail: ``int32 [Z, Hz, NQ]``: 1 where that short last key block is outside the pattern.
+        full_num, full_idx, part_num, part_idx: the pattern's BlockLayout (internal key blocks,
+            ascending lists); every other visual key block is external (walked in the kernel:
+            no external layout is built).
 
     Returns:
         ``(out_internal, lse_internal, out_external, lse_external)``: outputs ``[B, S, H, D]`` in
@@ -223,8 +220,7 @@ def block_sparse_partials(
     """
     if geometry[1] <= 0:
         raise ValueError(f"block_sparse_partials needs visual tokens (geometry n_vis > 0), got geometry {geometry}")
-    layout = {"full_num": full_num, "full_idx": full_idx, "part_num": part_num, "part_idx": part_idx,
-              "ext_num": ext_num, "ext_idx": ext_idx, "ext_tail": ext_tail}
+    layout = {"full_num": full_num, "full_idx": full_idx, "part_num": part_num, "part_idx": part_idx}
     q, k, v, text_lens = _checked_inputs(q, k, v, layout, text_lens)
     batch, seq_len, heads, _ = q.shape
     out_in, out_ex = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(2))
@@ -236,8 +232,8 @@ def block_sparse_partials(
 
 
 @block_sparse_partials.register_fake
-def _(q, k, v, full_num, full_idx, part_num, part_idx, ext_num, ext_idx, ext_tail, geometry, window, mask_kind, scale,
-      block_q, block_k, text_lens=None):
+def _(q, k, v, full_num, full_idx, part_num, part_idx, geometry, window, mask_kind, scale, block_q, block_k,
+      text_lens=None):
     batch, seq_len, heads, _ = q.shape
     lse = q.new_empty((batch, seq_len, heads), dtype=torch.float32)
     return torch.empty_like(q), lse, torch.empty_like(q), torch.empty_like(lse)

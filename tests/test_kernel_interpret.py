@@ -306,15 +306,12 @@ def test_partials_fake_tensor_shapes():
     """The one-pass partials op's register_fake: two outputs in q's dtype, two float32 lses."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from diffattn.partials import external_only_layout_tensors
-
     layout = TokenLayout((2, 4, 4), text_len=3)
     pattern = SlidingWindow(2)
     tensors, geometry, window, mask_kind = _op_arguments(pattern, layout, 16, 16)
-    external = external_only_layout_tensors(pattern.spec(), layout.grid, 16, 16, "cpu")
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         q = torch.empty(2, layout.seq_len, 3, 16, dtype=torch.float16)
-        fake = tuple(mode.from_tensor(t) for t in (*tensors, *external))
+        fake = tuple(mode.from_tensor(t) for t in tensors)
         out_in, lse_in, out_ex, lse_ex = torch.ops.diffattn.block_sparse_partials(
             q, q, q, *fake, geometry, window, mask_kind, 0.25, 16, 16)
     for out, lse in ((out_in, lse_in), (out_ex, lse_ex)):

@@ -11,8 +11,7 @@ import torch
 
 import diffattn
 from diffattn import BlockTopK, Dense, Piecewise, Radial, SlidingWindow, TokenLayout, select_blocks
-from diffattn.partials import attention_partials, external_attention, external_only_layout, merge_partials
-from diffattn.patterns.base import EMPTY, FULL, PARTIAL
+from diffattn.partials import attention_partials, external_attention, merge_partials
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 requires_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs the kernel under TRITON_INTERPRET=1")
@@ -155,12 +154,27 @@ def test_empty_partials_are_well_defined(impl):
         torch.testing.assert_close(merged_lse, dense_lse, atol=2e-5, rtol=2e-5)
 
 
-def test_external_only_layout():
-    classes = torch.tensor([[FULL, PARTIAL, EMPTY, EMPTY], [EMPTY, FULL, FULL, FULL]], dtype=torch.int8)
-    blocks = external_only_layout(classes, 32, 16, 56)  # 3.5 key blocks: the last one is short
-    assert blocks.full_num.tolist() == [[[1, 1]]] and blocks.full_idx[0, 0, :, 0].tolist() == [2, 0]
-    assert blocks.part_num.tolist() == [[[1, 0]]]  # the short last block, outside for row 0 only
-    assert external_only_layout(classes, 32, 16, 64).part_num.tolist() == [[[0, 0]]]
+@pytest.mark.parametrize("grid, block", [((3, 5, 7), (32, 16)), ((3, 6, 9), (16, 16)), ((4, 5), (16, 32))])
+@requires_interpreter
+def test_external_walks_the_complement_of_the_layout(grid, block):
+    """The kernels find the external key blocks by walking the complement of the pattern's own
+    (ascending) block lists, the short last block included: the external partial attends
+    exactly the keys outside the pattern, for windows (partial blocks inverted), radial and
+    selected blocks whose lists skip the short last block or end with it."""
+    layout = TokenLayout(grid, text_len=3)
+    q, k, v = (torch.randn(1, layout.seq_len, 2, 16, dtype=torch.float64).float() for _ in range(3))
+    for pattern in (SlidingWindow(3), Radial(0.3, block=32), BlockTopK(density=0.4, block=32)):
+        if isinstance(pattern, Radial) and len(grid) == 2:
+            continue
+        want = external_attention(q, k, v, pattern, layout=layout, impl="reference",
+                                  selection=None if pattern.static else diffattn.select_blocks(q, k, pattern, layout))
+        sel = None if pattern.static else diffattn.select_blocks(q, k, pattern, layout)
+        got = external_attention(q, k, v, pattern, layout=layout, impl="triton", block_size=block, selection=sel)
+        torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=2e-5)
+        parts = attention_partials(q, k, v, pattern, layout=layout, impl="triton", block_size=block, selection=sel)
+        torch.testing.assert_close(parts[2], want[0], atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(parts[3], want[1], atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -227,11 +241,11 @@ def test_partials_kernel_rejects_bad_input():
 
     q = torch.randn(1, 32, 1, 16)
     num, idx = torch.zeros(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 1, dtype=torch.int32)
-    args = (num, idx, num, idx, num, idx, num)
+    args = (num, idx, num, idx)
     with pytest.raises(ValueError, match="n_vis > 0"):
         block_sparse_partials(q, q, q, *args, [0, 0, 0, 32, 1, 1], [1] * 12, 0, 0.25, 16, 16)
-    with pytest.raises(ValueError, match="ext_tail must be int32"):
-        block_sparse_partials(q, q, q, *args[:-1], num.long(), [0, 32, 0, 0, 4, 8], [1] * 12, 0, 0.25, 16, 16)
+    with pytest.raises(ValueError, match="part_idx must be int32"):
+        block_sparse_partials(q, q, q, *args[:-1], idx.long(), [0, 32, 0, 0, 4, 8], [1] * 12, 0, 0.25, 16, 16)
     with pytest.raises(ValueError, match="text_lens"):
         attention_partials(q, q, q, SlidingWindow((3, 3)), layout=TokenLayout((4, 4), text_len=16), impl="triton",
                            text_lens=torch.tensor([17]))
