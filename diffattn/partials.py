@@ -48,9 +48,10 @@ def merge_partials(out_1: torch.Tensor, lse_1: torch.Tensor, out_2: torch.Tensor
     _check_merge(out_1, lse_1, out_2, lse_2)
     chosen, _ = choose_impl(impl, out_1.device)
     if chosen == "triton" and out_1.numel():  # (nothing to launch for empty tensors)
+        from .kernels import launch
         from .kernels import merge_partials as merge_kernel
 
-        return merge_kernel(out_1, lse_1.float(), out_2, lse_2.float())
+        return launch(merge_kernel, out_1, lse_1.float(), out_2, lse_2.float())
     lse_1, lse_2 = lse_1.float(), lse_2.float()
     m = torch.maximum(lse_1, lse_2)  # NaN if either is NaN
     m = m.masked_fill(m == float("-inf"), 0.0)  # both empty

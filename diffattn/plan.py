@@ -103,32 +103,32 @@ class AttentionPlan:
 
     # launches
     def attention(self, q, k, v, scale: float, text_lens=None, selection=None) -> tuple:
-        from .kernels import block_sparse_attention
+        from .kernels import block_sparse_attention, launch
 
         tensors = self.internal_blocks(q, k, scale, selection)
         q, k, v = in_kernel_order(self.order, q, k, v)
-        out, lse = block_sparse_attention(q, k, v, *tensors, self.geometry, self.window, self.mask_kind, scale,
-                                          self.block_q, self.block_k, text_lens)
+        out, lse = launch(block_sparse_attention, q, k, v, *tensors, self.geometry, self.window, self.mask_kind, scale,
+                          self.block_q, self.block_k, text_lens)
         return in_raster_order(self.order, out, lse)
 
     def external(self, q, k, v, scale: float, selection=None) -> tuple:
-        from .kernels import block_sparse_attention
+        from .kernels import block_sparse_attention, launch
 
         self.check_external()  # the kernel walks the complement of the pattern's own layout
         tensors = self.internal_blocks(q, k, scale, selection)
         q, k, v = in_kernel_order(self.order, q, k, v)
-        out, lse = block_sparse_attention(q, k, v, *tensors, self.geometry, self.window, self.mask_kind, scale,
-                                          self.block_q, self.block_k, None, True)
+        out, lse = launch(block_sparse_attention, q, k, v, *tensors, self.geometry, self.window, self.mask_kind, scale,
+                          self.block_q, self.block_k, None, True)
         return in_raster_order(self.order, out, lse)
 
     def partials(self, q, k, v, scale: float, text_lens=None, selection=None) -> tuple:
-        from .kernels import block_sparse_partials
+        from .kernels import block_sparse_partials, launch
 
         self.check_external()
         internal = self.internal_blocks(q, k, scale, selection)
         q, k, v = in_kernel_order(self.order, q, k, v)
-        partials = block_sparse_partials(q, k, v, *internal, self.geometry, self.window, self.mask_kind,
-                                         scale, self.block_q, self.block_k, text_lens)
+        partials = launch(block_sparse_partials, q, k, v, *internal, self.geometry, self.window, self.mask_kind,
+                          scale, self.block_q, self.block_k, text_lens)
         return in_raster_order(self.order, *partials)
 
 
@@ -214,7 +214,7 @@ class PiecewisePlan(AttentionPlan):
 
     def attention(self, q, k, v, scale, text_lens=None, selection=None):
         from .attention import _select
-        from .kernels import piecewise_attention
+        from .kernels import launch, piecewise_attention
         from .patterns.piecewise import block_statistics
         from .patterns.topk import selected_classes
 
@@ -224,8 +224,8 @@ class PiecewisePlan(AttentionPlan):
         keep = _select(self.pattern, q, k, layout, scale, selection, "triton")
         blocks = BlockLayout.from_classes(selected_classes(keep, blk, blk, blk, nv), blk, blk, nv, fixed_width=True)
         stats = block_statistics(k_vis, v_vis, blk, self.first_order, self.pattern.rank)
-        out, lse, share = piecewise_attention(
-            q, k, v, blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx, keep.to(torch.int8),
+        out, lse, share = launch(
+            piecewise_attention, q, k, v, blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx, keep.to(torch.int8),
             stats["k_mean"], stats["v_sum"], stats["size"], [vs, nv, layout.text_start, layout.text_len], scale, blk,
             self.kind, text_lens, stats.get("u"), stats.get("w"))
         if self.first_order in ("pooled", "shared"):

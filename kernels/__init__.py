@@ -51,10 +51,11 @@ else:
         block_sparse_partials,
         interpreting,
         kernel_block_size,
+        launch,
         launch_config,
         merge_partials,
         piecewise_attention,
     )
 
     __all__ = ["MAX_HEAD_DIM", "block_sparse_attention", "block_sparse_partials", "interpreting", "kernel_block_size",
-               "launch_config", "merge_partials", "piecewise_attention"]
+               "launch", "launch_config", "merge_partials", "piecewise_attention"]

@@ -21,6 +21,30 @@ MAX_HEAD_DIM = 256
 
 
 
+_BODIES: dict = {}  # custom op -> the Python function it wraps
+
+
+def _custom_op(name: str):
+    """``torch.library.custom_op(name)``, remembering the wrapped function for ``launch``."""
+
+    def wrap(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        _BODIES[op] = fn
+        return op
+
+    return wrap
+
+
+def launch(op, *args):
+    """Run one of diffattn's custom ops: through torch's dispatcher while torch.compile traces
+    (the op's fake implementation keeps the graph whole), else its Python body directly. The
+    dispatcher adds ~50 us of host time per call (measured on this CPU); the ops are forward-only
+    (inference), so eager mode loses nothing by skipping it."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return _BODIES[op](*args)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -126,7 +150,7 @@ def _block_sparse_launch(q, k, v, out, lse, layout, geometry: list[int], window:
     return grid, args, flags
 
 
-@torch.library.custom_op("diffattn::block_sparse_attention", mutates_args=())
+@_custom_op("diffattn::block_sparse_attention")
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -188,7 +212,7 @@ def _(q, k, v, full_num, full_idx, part_num, part_idx, geometry, window, mask_ki
     return torch.empty_like(q), q.new_empty((batch, seq_len, heads), dtype=torch.float32)
 
 
-@torch.library.custom_op("diffattn::block_sparse_partials", mutates_args=())
+@_custom_op("diffattn::block_sparse_partials")
 def block_sparse_partials(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -239,7 +263,7 @@ def _(q, k, v, full_num, full_idx, part_num, part_idx, geometry, window, mask_ki
     return torch.empty_like(q), lse, torch.empty_like(q), torch.empty_like(lse)
 
 
-@torch.library.custom_op("diffattn::merge_partials", mutates_args=())
+@_custom_op("diffattn::merge_partials")
 def merge_partials(out_1: torch.Tensor, lse_1: torch.Tensor, out_2: torch.Tensor, lse_2: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge two attention partials over disjoint keys (see ``merge_partials.py``).
@@ -301,7 +325,7 @@ def piecewise_launch(head_dim: int, block: int, first_order: int, rank: int, has
     return constexprs, 8, 1 if first_order == 3 else 2
 
 
-@torch.library.custom_op("diffattn::piecewise_attention", mutates_args=())
+@_custom_op("diffattn::piecewise_attention")
 def piecewise_attention(
     q: torch.Tensor,
     k: torch.Tensor,
