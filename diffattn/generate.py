@@ -566,10 +566,24 @@ def _layers(pipe) -> list[int]:
     adapter = _adapter(transformer)
     if adapter is None:
         return []
+    installed = _installed_cores(transformer)
+    if installed:
+        return sorted({core.layer for core in installed.values()})
     names = adapter.sparse_processor_names(transformer)
     if hasattr(adapter, "processor_layers"):
         return sorted(set(adapter.processor_layers(transformer)))
     return list(range(len(names)))
+
+
+def _installed_cores(transformer) -> dict:
+    """``{processor name: SparseAttentionCore}`` of the processors diffattn has installed in
+    ``transformer`` (empty when none). Most adapters' ``sparse_processor_names`` accept only
+    diffusers' own processors, so with diffattn's in place the names come from here."""
+    from .integration.core import SparseAttentionCore
+    from .integration.processors import attn_processors
+
+    return {name: proc.core for name, proc in attn_processors(transformer).items()
+            if isinstance(getattr(proc, "core", None), SparseAttentionCore)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -643,7 +657,7 @@ class _Instrument:
             except StopIteration:  # pragma: no cover
                 pass
             modules = dict(transformer.named_modules())
-            for proc_name in adapter.sparse_processor_names(transformer):
+            for proc_name in list(_installed_cores(transformer)) or adapter.sparse_processor_names(transformer):
                 module = modules.get(proc_name.rsplit(".processor", 1)[0])
                 if module is None:
                     continue

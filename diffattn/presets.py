@@ -118,11 +118,16 @@ FAMILY_GEOMETRY: Mapping[str, FamilyGeometry] = {
     "motif_video": FamilyGeometry(8, 4, (1, 2, 2)),    # Wan 2.1's VAE, patch_size 2, patch_size_t 1
     "qwen_image": FamilyGeometry(8, None, (1, 2, 2)),  # 8x VAE, latents packed 2x2
     "flux2": FamilyGeometry(8, None, (1, 2, 2)),       # 8x VAE, latents packed 2x2
+    "mochi": FamilyGeometry(8, 6, (1, 2, 2)),          # AutoencoderKLMochi 8x / 6x, patch_size 2
+    "cosmos": FamilyGeometry(8, 4, (1, 2, 2)),         # Cosmos-Predict2 / 2.5: Wan 2.1's VAE 8x / 4x, patch (1, 2, 2)
+                                                       # (Cosmos 1.0's CV8x8x8 tokenizer is 8x / 8x)
+    "z_image": FamilyGeometry(8, None, (1, 2, 2)),     # 8x VAE, patch_size 2
 }
 
 #: The model families presets and ``load_pipeline`` know: the integration adapters' names, with
 #: Wan's variants (``wan_vace``, ``wan_animate``, ``skyreels_v2``: Wan's adapter, other pipelines
-#: and sizes) told apart.
+#: and sizes) told apart. MiniMax-H3 has an adapter but no preset (its modular pipeline is not a
+#: ``DiffusionPipeline`` that ``load_pipeline`` builds).
 FAMILIES: tuple[str, ...] = tuple(FAMILY_GEOMETRY)
 
 #: The attention methods a preset can name; ``pattern.kind`` must be the same.

@@ -50,7 +50,18 @@ PIPELINE_CLASSES: dict[str, tuple[str, ...]] = {
                    "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline", "QwenImageLayeredPipeline",
                    "QwenImageControlNetPipeline"),
     "flux2": ("Flux2Pipeline", "Flux2KleinPipeline"),
+    "mochi": ("MochiPipeline",),
+    # Predict2 Video2World first: the cosmos preset's checkpoint; Predict2.5 takes the same sizes.
+    "cosmos": ("Cosmos2VideoToWorldPipeline", "Cosmos2_5_PredictBasePipeline", "Cosmos2_5_TransferPipeline",
+               "CosmosTextToWorldPipeline", "CosmosVideoToWorldPipeline", "Cosmos2TextToImagePipeline"),
+    "z_image": ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline", "ZImageControlNetPipeline",
+                "ZImageControlNetInpaintPipeline", "ZImageOmniPipeline"),
 }
+# MiniMax-H3 has an adapter but no entry: it ships as a modular pipeline (MiniMaxH3ModularPipeline),
+# which DiffusionPipeline.from_pretrained does not build; use diffattn.apply on its transformer.
+_MODULAR_HINT = ("load it with diffusers.ModularPipeline.from_pretrained(...) and load_components(), then "
+                 "diffattn.apply(pipe, pattern, dense_steps=..., dense_layers=...) (pipe.transformer_ref for "
+                 "MiniMax-H3's ref2va workflow)")
 
 #: Transformer classes whose family is not their adapter's name: Wan's variants run Wan's adapter
 #: but have their own pipelines, sizes and presets.
@@ -121,6 +132,9 @@ def _model_index(model: str | os.PathLike, hub_kwargs: dict) -> tuple[dict, str]
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
+            if (path / "modular_model_index.json").is_file():
+                raise ValueError(f"model {str(model)!r} is a diffusers modular pipeline (modular_model_index.json), which "
+                                 f"load_pipeline does not build; {_MODULAR_HINT}")
             raise ValueError(f"model {str(model)!r} is a folder but not a diffusers pipeline: it has no model_index.json")
         try:
             return json.loads(index.read_text(encoding="utf-8")), str(path)
@@ -154,6 +168,9 @@ def _family_of_index(index: dict, model: str) -> str:
     if family is None:
         raise ValueError(f"model {model!r}: diffattn has no adapter for {classes[0]}; supported transformers: "
                          f"{_supported_transformers()}")
+    if family not in PIPELINE_CLASSES:
+        raise ValueError(f"model {model!r}: {classes[0]} ships in a diffusers modular pipeline, which load_pipeline "
+                         f"does not build; {_MODULAR_HINT}")
     return family
 
 

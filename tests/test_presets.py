@@ -33,7 +33,7 @@ REQUIRED = [
 # Head dims of the released checkpoints (diffusers constructor defaults): the kernel's block sizes.
 HEAD_DIM = {"wan": 128, "hunyuan_video": 128, "cogvideox": 64, "flux": 128, "sd3": 64, "ltx": 64, "wan_vace": 128,
             "wan_animate": 128, "skyreels_v2": 128, "hunyuan_video15": 128, "ltx2": 128, "kandinsky5": 64,
-            "motif_video": 128, "qwen_image": 128, "flux2": 128}
+            "motif_video": 128, "qwen_image": 128, "flux2": 128, "mochi": 128, "cosmos": 128, "z_image": 128}
 # Dense tokens beside the grid in the self-attention of the released pipelines (text, Wan Animate's
 # reference frame; dense in both directions). Families whose count varies with the prompt: 0.
 TEXT_LEN = {"wan": 0, "hunyuan_video": 256, "cogvideox": 226, "flux": 512, "sd3": 333, "ltx": 0, "wan_animate": 3600,
@@ -43,7 +43,8 @@ DIFFUSERS_PIPELINE = {"wan": "WanPipeline", "hunyuan_video": "HunyuanVideoPipeli
                       "wan_vace": "WanVACEPipeline", "wan_animate": "WanAnimatePipeline",
                       "skyreels_v2": "SkyReelsV2DiffusionForcingPipeline", "hunyuan_video15": "HunyuanVideo15Pipeline",
                       "ltx2": "LTX2Pipeline", "kandinsky5": "Kandinsky5T2VPipeline", "motif_video": "MotifVideoPipeline",
-                      "qwen_image": "QwenImagePipeline", "flux2": "Flux2Pipeline"}
+                      "qwen_image": "QwenImagePipeline", "flux2": "Flux2Pipeline", "mochi": "MochiPipeline",
+                      "cosmos": "Cosmos2VideoToWorldPipeline", "z_image": "ZImagePipeline"}
 
 
 def test_required_presets_are_shipped():
@@ -118,6 +119,10 @@ def test_radial_presets_match_the_paper():
     ("motif_video", (736, 1280, 121), (31, 46, 80)),
     ("qwen_image", (1024, 1024, None), (64, 64)),
     ("flux2", (1024, 1024, None), (64, 64)),
+    ("mochi", (480, 848, 163), (28, 30, 53)),        # 6x temporal VAE
+    ("mochi", (480, 848, 19), (4, 30, 53)),          # MochiPipeline's default length
+    ("cosmos", (704, 1280, 93), (24, 44, 80)),       # Cosmos-Predict2 / 2.5
+    ("z_image", (1024, 1024, None), (64, 64)),
 ])
 def test_token_grid(family, size, grid):
     assert token_grid(family, *size) == grid
@@ -129,7 +134,8 @@ def test_token_grid(family, size, grid):
     (("wan", 480, 832, 80), r"num_frames must be 4k \+ 1"),
     (("ltx", 512, 704, 85), r"num_frames must be 8k \+ 1"),
     (("flux", 1024, 1024, 9), "images: num_frames must be None"),
-    (("mochi", 480, 848, 31), "family must be one of"),
+    (("minimax_h3", 480, 848, 33), "family must be one of"),  # an adapter without presets
+    (("mochi", 480, 848, 81), r"num_frames must be 6k \+ 1"),
     (("wan_animate", 720, 1280, 76), r"segment_frame_length must be 4k \+ 1"),
     (("hunyuan_video15", 480, 840, 121), "width must be a positive multiple of 16"),
 ])
