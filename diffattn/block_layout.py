@@ -167,11 +167,10 @@ class BlockLayout:
 
 
 @functools.lru_cache(maxsize=64)
-def _build_cached(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device: str,
-                  complement: bool = False) -> BlockLayout:
+def _build_cached(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device: str) -> BlockLayout:
     f_n, h_n, w_n = as_grid3(grid)
     n = f_n * h_n * w_n
-    lists = None if complement or n % block_k else pattern.block_lists(grid, block_q, block_k)
+    lists = None if n % block_k else pattern.block_lists(grid, block_q, block_k)
     if lists is not None:  # all visited blocks full, built without the [NQ, NK] class matrix
         count, idx = lists
         empty = torch.zeros_like(count)
@@ -179,8 +178,6 @@ def _build_cached(pattern: Pattern, grid: tuple, block_q: int, block_k: int, dev
                              empty[None, None, :, None])
     else:
         classes = pattern.block_classes(grid, block_q, block_k)
-        if complement:
-            classes = complement_classes(classes)
         layout = BlockLayout.from_classes(classes, block_q, block_k, n)
     return layout if device == "cpu" else layout.to(device)
 
@@ -205,20 +202,10 @@ def layout_tensors(spec: tuple, grid: tuple, block_q: int, block_k: int, device:
     return blocks.full_num, blocks.full_idx, blocks.part_num, blocks.part_idx
 
 
-def complement_classes(classes: torch.Tensor) -> torch.Tensor:
-    """The block classes of the keys a pattern does *not* attend: FULL <-> EMPTY, PARTIAL stays
-    (its element mask is inverted in the kernel)."""
-    out = classes.clone()
-    out[classes == FULL] = EMPTY
-    out[classes == EMPTY] = FULL
-    return out
-
-
-def build_block_layout(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device="cpu",
-                       complement: bool = False) -> BlockLayout:
+def build_block_layout(pattern: Pattern, grid: tuple, block_q: int, block_k: int, device="cpu") -> BlockLayout:
     """The BlockLayout of a static ``pattern`` on ``grid`` at the given block sizes, cached per
-    (pattern, grid, block sizes, device). ``complement=True``: the layout of the visual keys the
-    pattern does not attend (the step cache's external part).
+    (pattern, grid, block sizes, device). (The keys a pattern does not attend need no layout: the
+    kernels walk the complement of this one.)
 
     >>> import diffattn
     >>> layout = build_block_layout(diffattn.SlidingWindow(3), (8, 8), 16, 16)
@@ -232,4 +219,4 @@ def build_block_layout(pattern: Pattern, grid: tuple, block_q: int, block_k: int
         raise ValueError(f"{type(pattern).__name__} selects blocks from the data; it has no static layout")
     check_block_sizes(block_q, block_k)
     pattern.validate(tuple(grid))
-    return _build_cached(pattern, tuple(grid), block_q, block_k, str(torch.device(device)), complement)
+    return _build_cached(pattern, tuple(grid), block_q, block_k, str(torch.device(device)))
