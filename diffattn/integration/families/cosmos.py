@@ -24,10 +24,13 @@ pipeline, the step then comes from the scheduler's ``step_index`` (see ``integra
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_cosmos import CosmosAttnProcessor2_0
 
+from ._calls import call_argument
 from ...tokens import TokenLayout
 from ..core import SparseAttentionCore
 from ..processors import attn_processors
@@ -36,11 +39,7 @@ from ..processors import attn_processors
 _POSITIONS = {"hidden_states": 0, "timestep": 1}
 
 
-def _argument(name: str, args, kwargs):
-    if name in kwargs:
-        return kwargs[name]
-    position = _POSITIONS[name]
-    return args[position] if len(args) > position else None
+_argument = functools.partial(call_argument, _POSITIONS)
 
 
 class CosmosSparseProcessor:

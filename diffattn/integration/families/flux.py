@@ -37,12 +37,14 @@ multiplies by 1000 again); ``timestep()`` returns it in the scheduler's units
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
+from ._calls import call_argument
 from ...tokens import TokenLayout
 from ..core import SparseAttentionCore
 
@@ -51,11 +53,7 @@ from ..core import SparseAttentionCore
 _POSITIONS = {"hidden_states": 0, "encoder_hidden_states": 1, "timestep": 3, "img_ids": 4}
 
 
-def _argument(name: str, args, kwargs):
-    if name in kwargs:
-        return kwargs[name]
-    position = _POSITIONS[name]
-    return args[position] if len(args) > position else None
+_argument = functools.partial(call_argument, _POSITIONS)
 
 
 class FluxSparseProcessor:

@@ -28,6 +28,7 @@ Timestep: FLUX.2 pipelines pass ``timestep / 1000``; ``timestep()`` returns sche
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -38,6 +39,7 @@ from diffusers.models.transformers.transformer_flux2 import (
     _get_qkv_projections,
 )
 
+from ._calls import call_argument
 from ...tokens import TokenLayout
 from ..core import SparseAttentionCore
 from ._packed import attend_packed, packed_layout
@@ -47,11 +49,7 @@ from ._packed import attend_packed, packed_layout
 _POSITIONS = {"hidden_states": 0, "encoder_hidden_states": 1, "timestep": 2, "img_ids": 3, "kv_cache_mode": 9}
 
 
-def _argument(name: str, args, kwargs):
-    if name in kwargs:
-        return kwargs[name]
-    position = _POSITIONS[name]
-    return args[position] if len(args) > position else None
+_argument = functools.partial(call_argument, _POSITIONS)
 
 
 class Flux2SparseProcessor:

@@ -24,11 +24,14 @@ text_first=False)``. I2V conditions on the first frame through extra input chann
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 
+from ._calls import call_argument
 from ...tokens import TokenLayout
 from ..core import SparseAttentionCore
 
@@ -38,11 +41,7 @@ _POSITIONS = {"hidden_states": 0, "timestep": 1, "encoder_hidden_states": 2, "en
               "image_embeds": 7}
 
 
-def _argument(name: str, args, kwargs):
-    if name in kwargs:
-        return kwargs[name]
-    position = _POSITIONS[name]
-    return args[position] if len(args) > position else None
+_argument = functools.partial(call_argument, _POSITIONS)
 
 
 class HunyuanVideo15SparseProcessor:

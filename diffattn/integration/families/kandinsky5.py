@@ -20,9 +20,12 @@ order its layout does not describe. Refused at apply time from the config, and a
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor
 
+from ._calls import call_argument
 from ...tokens import TokenLayout
 from ..core import SparseAttentionCore
 
@@ -33,11 +36,7 @@ NABLA = ("Kandinsky 5's own NABLA sparse attention (attention_type='nabla', toke
          "configured; diffattn replaces only the regular attention")
 
 
-def _argument(name: str, args, kwargs):
-    if name in kwargs:
-        return kwargs[name]
-    position = _POSITIONS[name]
-    return args[position] if len(args) > position else None
+_argument = functools.partial(call_argument, _POSITIONS)
 
 
 def _apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:

@@ -33,12 +33,14 @@ every call (step 0), so keep ``dense_steps=0`` and ``cache=None`` there.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
 import torch
 from diffusers.models.transformers.transformer_minimax_h3 import MiniMaxH3AttnProcessor, _apply_rotary_emb
 
+from ._calls import call_argument
 from ...tokens import TokenLayout
 from ..core import SparseAttentionCore
 from ..parallel import context_parallel_config
@@ -51,11 +53,7 @@ _POSITIONS = {"timestep": 3, "timestep_indices": 4, "position_ids": 6, "video_in
 _warned: set = set()
 
 
-def _argument(name: str, args, kwargs):
-    if name in kwargs:
-        return kwargs[name]
-    position = _POSITIONS[name]
-    return args[position] if len(args) > position else None
+_argument = functools.partial(call_argument, _POSITIONS)
 
 
 class MiniMaxH3SparseProcessor:

@@ -26,10 +26,13 @@ Tokens: the latent ``[B, C, F, H, W]`` patchified per frame by ``patch_size`` in
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
+from ._calls import call_argument
 from ...tokens import TokenLayout
 from ..core import SparseAttentionCore
 from ..processors import attn_processors
@@ -38,11 +41,7 @@ from ..processors import attn_processors
 _POSITIONS = {"hidden_states": 0, "encoder_hidden_states": 1, "timestep": 2}
 
 
-def _argument(name: str, args, kwargs):
-    if name in kwargs:
-        return kwargs[name]
-    position = _POSITIONS[name]
-    return args[position] if len(args) > position else None
+_argument = functools.partial(call_argument, _POSITIONS)
 
 
 def _apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:

@@ -21,10 +21,13 @@ Tokens: the latent ``[B, C, F, H, W]`` patchified by ``(patch_size_t, patch_size
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_motif_video import MotifVideoAttnProcessor2_0
 
+from ._calls import call_argument
 from ...tokens import TokenLayout
 from ..core import SparseAttentionCore
 
@@ -33,11 +36,7 @@ from ..core import SparseAttentionCore
 _POSITIONS = {"hidden_states": 0, "timestep": 1, "encoder_hidden_states": 2, "image_embeds": 4}
 
 
-def _argument(name: str, args, kwargs):
-    if name in kwargs:
-        return kwargs[name]
-    position = _POSITIONS[name]
-    return args[position] if len(args) > position else None
+_argument = functools.partial(call_argument, _POSITIONS)
 
 
 class MotifVideoSparseProcessor:

@@ -25,6 +25,7 @@ Timestep: Qwen-Image pipelines pass ``timestep / 1000``; ``timestep()`` returns 
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -33,6 +34,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
     apply_rotary_emb_qwen,
 )
 
+from ._calls import call_argument
 from ...tokens import TokenLayout
 from ..core import SparseAttentionCore
 from ._packed import attend_packed, packed_layout
@@ -42,11 +44,7 @@ from ._packed import attend_packed, packed_layout
 _POSITIONS = {"hidden_states": 0, "encoder_hidden_states": 1, "timestep": 3, "img_shapes": 4}
 
 
-def _argument(name: str, args, kwargs):
-    if name in kwargs:
-        return kwargs[name]
-    position = _POSITIONS[name]
-    return args[position] if len(args) > position else None
+_argument = functools.partial(call_argument, _POSITIONS)
 
 
 class QwenImageSparseProcessor:

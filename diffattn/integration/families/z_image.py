@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF, ZSingleStreamAttnProcessor
 
+from ._calls import call_argument
 from ...tokens import TokenLayout
 from ..core import SparseAttentionCore
 from ..processors import attn_processors
@@ -52,11 +53,7 @@ _POSITIONS = {"x": 0, "t": 1, "cap_feats": 2, "siglip_feats": 5, "patch_size": 7
 _DEFAULTS = {"patch_size": 2, "f_patch_size": 1}
 
 
-def _argument(name: str, args, kwargs):
-    if name in kwargs:
-        return kwargs[name]
-    position = _POSITIONS[name]
-    return args[position] if len(args) > position else _DEFAULTS.get(name)
+_argument = functools.partial(call_argument, _POSITIONS, defaults=_DEFAULTS)
 
 
 def _padded(n: int) -> int:
