@@ -107,7 +107,7 @@ def _scenarios():
     scenarios["wan-heads3"] = (lambda: _wan(3), _wan_inputs(3, 8, 10), window, {}, anything)
     scenarios["flux-heads3"] = (lambda: _flux(3), _flux_inputs(4, 6, 4), flux_window, {}, anything)
     # the cache with per-head refreshes by the cosine gate (each rank gates its own heads)
-    gated = dict(dense_steps=1, cache=StepCache(refresh_every=2, cosine_gate=0.999))
+    gated = dict(dense_steps=1, cache=StepCache(refresh_every=3, cosine_gate=0.999))  # flags at step 1, refreshes heads at 2
     scenarios["wan-gated"] = (lambda: _wan(2), _wan_inputs(3, 8, 10), window, gated, {})
     return scenarios
 

@@ -11,10 +11,12 @@ import diffattn
 from diffattn import Piecewise, SlidingWindow, StepCache
 from diffattn.integration.step_cache import parse_step_cache
 from diffattn.pipelines import build_embedded_wan_pipeline
+from diffattn.pipelines.embedded import EMBEDDED_TRANSFORMER_CONFIG
 
 SETTINGS = dict(height=128, width=128, num_frames=17, num_inference_steps=8, guidance_scale=5.0,
                 max_sequence_length=16, output_type="np")
 PATTERN = SlidingWindow((1, 3, 3))
+HEADS = EMBEDDED_TRANSFORMER_CONFIG["num_attention_heads"]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def test_branches_are_separate_and_memory_is_accounted(pipe):
     assert keys == sorted((layer, branch) for layer in range(4) for branch in ("cond", "uncond"))
     assert held == counted > 0
     # 4 layers x 2 branches x (out [1, 320, 2, 32] fp32 + lse [1, 320, 2] fp32)
-    assert peak == 8 * (320 * 2 * 32 * 4 + 320 * 2 * 4)
+    assert peak == 8 * (320 * HEADS * 32 * 4 + 320 * HEADS * 4)
 
 
 def test_store_dtype_and_offload(pipe, dense):
@@ -89,7 +91,7 @@ def test_store_dtype_and_offload(pipe, dense):
     out = generate(pipe)
     peak = handle.peak_cache_bytes()
     diffattn.remove(pipe)
-    assert peak == 8 * (320 * 2 * 32 * 2 + 320 * 2 * 4)  # bf16 output, fp32 lse
+    assert peak == 8 * (320 * HEADS * 32 * 2 + 320 * HEADS * 4)  # bf16 output, fp32 lse
     assert err(out, dense) < 1e-3
 
 
@@ -135,7 +137,7 @@ def test_generate_with_cache_reports_memory(tmp_path, capsys):
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["cache"]["enabled"] and record["cache"]["config"]["store_dtype"] == "bfloat16"
     # 4 layers x 2 branches x (out [1, 48, 2, 32] bf16 + lse [1, 48, 2] fp32)
-    assert record["cache"]["memory_bytes"] == 8 * (48 * 2 * 32 * 2 + 48 * 2 * 4)
+    assert record["cache"]["memory_bytes"] == 8 * (48 * HEADS * 32 * 2 + 48 * HEADS * 4)
 
 
 def test_light_mode_stores_only_the_mass(pipe, dense):
@@ -143,7 +145,7 @@ def test_light_mode_stores_only_the_mass(pipe, dense):
     out = generate(pipe)
     peak = handle.peak_cache_bytes()
     diffattn.remove(pipe)
-    assert peak == 8 * (320 * 2 * 4)  # lse only: [1, 320, 2] fp32 per layer and branch
+    assert peak == 8 * (320 * HEADS * 4)  # lse only: [1, 320, heads] fp32 per layer and branch
     assert np.isfinite(out).all()
 
 
@@ -177,3 +179,70 @@ def test_dynamic_selection_stays_with_its_stored_external_part():
     torch.testing.assert_close(outs[1], merge_partials(out_in, lse_in, out_ex, lse_ex)[0])
     entry = next(iter(state.cache.values()))
     assert torch.equal(entry.selection, refresh_sel) and entry.nbytes >= refresh_sel.numel()
+
+
+def test_gates_read_the_device_once_per_forward():
+    """With the drift gates on, one device-to-host read per transformer forward: the flags of every
+    layer are read with the timestep before the forward (never inside it), and flagged heads are
+    refreshed at the layer's next call. Counted with the torch profiler (item / nonzero) plus the
+    state's own count of flag reads (a ``tolist`` the profiler does not list), kernels stubbed."""
+    import importlib.util
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
+    spec = importlib.util.spec_from_file_location("host_overhead", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**{k: list(v) if isinstance(v, list) else v
+                                     for k, v in EMBEDDED_TRANSFORMER_CONFIG.items()}).eval()
+    x, text = torch.randn(1, 16, 2, 16, 16), torch.randn(1, 8, 384)
+    cache = StepCache(refresh_every=8, lse_gate=0.0, cosine_gate=1.0)
+    with torch.no_grad(), bench.kernels_stubbed(True):
+        for measured in (False, True):  # the first run builds the block layouts (once per call site)
+            handle = diffattn.apply(model, PATTERN, impl="triton", cache=cache)
+            (state,) = handle.states.values()
+            reads, flag_reads = [], []
+            for t in (999.0, 900.0, 800.0, 700.0):
+                before = state.drift_reads
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    model(x, torch.tensor([t]), text)
+                # a read shows as aten::_local_scalar_dense (under item / is_nonzero) or aten::nonzero
+                syncs = sum(event.name in ("aten::_local_scalar_dense", "aten::nonzero") for event in prof.events())
+                reads.append(syncs + state.drift_reads - before)
+                flag_reads.append(state.drift_reads - before)
+            refreshed = state.head_refreshes
+            diffattn.remove(model)
+    assert reads == [1, 1, 1, 1]  # the timestep alone, or the timestep with the flags
+    # step 0 refreshes; step 1 reuses and flags heads (gates at 0: every head drifts); steps 2 and 3
+    # read the flags and refresh the flagged heads
+    assert flag_reads == [0, 0, 1, 1]
+    assert refreshed > 0
+
+
+def test_bare_transformer_forgets_the_cache_when_a_new_generation_starts():
+    """Applied to a bare transformer (no pipeline resets the state), a rising timestep starts a new
+    generation: the second generation computes what a fresh handle computes, not the first one's
+    cached external partials."""
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**{k: list(v) if isinstance(v, list) else v
+                                     for k, v in EMBEDDED_TRANSFORMER_CONFIG.items()}).eval()
+    text = torch.randn(1, 8, 384)
+    first, second = torch.randn(1, 16, 2, 8, 8), torch.randn(1, 16, 2, 8, 8)
+
+    def run(x):
+        return [model(x, torch.tensor([t]), text, return_dict=False)[0] for t in (999.0, 700.0, 400.0)]
+
+    with torch.no_grad():
+        diffattn.apply(model, PATTERN, cache=StepCache(refresh_every=3))
+        run(first)
+        again = run(second)
+        diffattn.remove(model)
+        diffattn.apply(model, PATTERN, cache=StepCache(refresh_every=3))
+        fresh = run(second)
+        diffattn.remove(model)
+    for a, b in zip(again, fresh):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

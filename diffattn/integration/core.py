@@ -219,9 +219,14 @@ class SparseAttentionCore:
         out_in, lse_in = attention(q, k, v, self.pattern, layout=layout, impl=self.impl, return_lse=True,
                                    text_lens=text_lens, selection=selection)
         if config.lse_gate is not None or config.cosine_gate is not None:
-            idx = drifted_heads(entry, out_in, lse_in, config).nonzero()[:, 0]  # one host sync
-            if idx.numel():
-                self._refresh_heads(entry, idx, q, k, v, layout, selection, out_in, lse_in)
+            # The gates flag heads on the device; the flags of every layer are read in one go before
+            # the next transformer forward (GenerationState.read_host_values, with the timestep), and the flagged heads
+            # are refreshed at the layer's next call: no host read inside the forward.
+            key = (self.slot, state.branch)
+            flagged = state.drift_heads.pop(key, None)
+            if flagged is not None and flagged[0] is entry:
+                self._refresh_heads(entry, flagged[1], q, k, v, layout, selection, out_in, lse_in)
+            state.drift_flags[key] = (entry, drifted_heads(entry, out_in, lse_in, config))
         lse_ex = entry.lse_ext.to(q.device, non_blocking=True)
         if entry.out_ext is None:
             return light_merge(out_in, lse_in, lse_ex)
@@ -229,7 +234,7 @@ class SparseAttentionCore:
         return merge_partials(out_in, lse_in, out_ex, lse_ex, impl=self.impl)[0]
 
     def _refresh_heads(self, entry: CacheEntry, idx: torch.Tensor, q, k, v, layout, selection, out_in, lse_in):
-        """Recompute the external part of the drifted heads ``idx`` (``int [n]``, local to q) only."""
+        """Recompute the external part of the drifted heads ``idx`` (``int64 [n]`` on the CPU, local to q) only."""
         sel = selection[:, idx] if selection is not None else None
         out_ex, lse_ex = external_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx], self.pattern, layout=layout,
                                             impl=self.impl, selection=sel)

@@ -37,16 +37,60 @@ class GenerationState:
     selections: dict = field(default_factory=dict)  # (layer, branch) -> (step, key, kept blocks)
     cache: dict = field(default_factory=dict)  # (layer, branch) -> step_cache.CacheEntry
     head_refreshes: int = 0  # heads refreshed by the drift gates in this generation
+    drift_flags: dict = field(default_factory=dict)  # (layer, branch) -> (CacheEntry, bool [H] on the device):
+    # the heads the step cache's drift gates flagged at the layer's last call, not read yet
+    drift_heads: dict = field(default_factory=dict)  # (layer, branch) -> (CacheEntry, int64 [n] on the CPU):
+    # flagged heads, read, to be refreshed at the layer's next call
+    drift_reads: int = 0  # reads of the drift flags in this generation (with the timestep's: one per forward)
     mask_lens: tuple | None = None  # (attention mask, layout, text lens) of the current call
     peak_cache_bytes: int = 0
 
     def reset(self) -> None:
         self.step, self.num_steps, self.timestep, self.layout, self.calls = 0, None, None, None, 0
         self.branch = None
+        self.clear_generation()
+
+    def clear_generation(self) -> None:
+        """Forget what one generation keeps for its later steps: reused selections, the step cache,
+        drift flags, the per-generation counters."""
         self.selections.clear()
         self.cache.clear()
         self.head_refreshes = 0
+        self.drift_flags.clear()
+        self.drift_heads.clear()
+        self.drift_reads = 0
         self.mask_lens = None
+
+    def read_host_values(self, timestep) -> float | None:
+        """The call's timestep (its first element, as a float) and the drift flags every gated layer
+        left at its last call (turned into head indices in :attr:`drift_heads`), read together: one
+        device-to-host copy per transformer forward at most (two only when the timestep and the
+        flags live on different devices). Called once before each forward."""
+        if not self.drift_flags:
+            return _first_timestep(timestep)
+        keys = list(self.drift_flags)
+        flags = torch.cat([self.drift_flags[key][1].reshape(-1) for key in keys])
+        lead = []
+        if isinstance(timestep, torch.Tensor) and timestep.numel() and timestep.device == flags.device:
+            lead = [timestep.reshape(-1)[:1].to(torch.float64)]
+            t = None
+        else:
+            t = _first_timestep(timestep)
+        values = torch.cat(lead + [flags.to(torch.float64)]).tolist()  # the one read
+        self.drift_reads += 1
+        if lead:
+            t, values = values[0], values[1:]
+        start = 0
+        for key in keys:
+            entry, head_flags = self.drift_flags[key]
+            heads = [i for i, flagged in enumerate(values[start : start + head_flags.numel()]) if flagged]
+            start += head_flags.numel()
+            if heads:
+                self.drift_heads[key] = (entry, torch.tensor(heads, dtype=torch.int64))
+            else:
+                self.drift_heads.pop(key, None)
+        self.drift_flags.clear()
+        return t
 
     def cache_bytes(self) -> int:
         """Bytes held by the step cache now (every layer and CFG branch)."""
@@ -128,7 +172,7 @@ class GenerationStateHook(ModelHook):
         if state.calls == 0:  # first call of a generation (the state was reset)
             state.peak_cache_bytes = 0
         state.layout = self.adapter.token_layout(module, args, kwargs)
-        t = _first_timestep(self.adapter.timestep(args, kwargs))
+        t = state.read_host_values(self.adapter.timestep(args, kwargs))
         timesteps = getattr(self.scheduler, "timesteps", None) if self.scheduler is not None else None
         if t is not None and timesteps is not None and len(timesteps):
             state.step = match_step(timesteps, t, self.scheduler)
@@ -137,7 +181,10 @@ class GenerationStateHook(ModelHook):
             state.num_steps = len(timesteps)
         elif t is not None:
             if state.timestep is None or t > state.timestep:
-                state.step = 0  # first call, or the timestep went up: a new generation
+                if state.timestep is not None:  # the timestep went up: a new generation
+                    state.clear_generation()
+                    state.peak_cache_bytes = 0
+                state.step = 0
             elif t != state.timestep:
                 state.step += 1
         state.timestep = t

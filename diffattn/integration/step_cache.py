@@ -7,7 +7,10 @@ the internal (sparse) part is computed and merged with the stored external part.
 
 Refreshes happen every ``refresh_every`` steps, at the last dense warm-up step before sparse
 steps begin, whenever the shapes, dtype, device or token layout change, and optionally per head
-when the internal part drifts (FlashBlock: cosine < 0.85 or |delta lse| > 0.05).
+when the internal part drifts (FlashBlock: cosine < 0.85 or |delta lse| > 0.05). The drift gates
+flag heads on the device at a reuse step; the flags of all layers are read with one device-to-host
+copy before the next transformer forward, and each flagged head is refreshed at its layer's next
+call in the same CFG branch (one step later: never inside a forward).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ class StepCache:
         refresh_every: recompute the external partial every k steps. Default 3 (1 = every
             step: exact dense attention at sparse cost plus the external pass).
         lse_gate: also refresh a head when the mean ``|lse_internal - lse_internal_at_refresh|``
-            over its queries exceeds this (FlashBlock: 0.05). None (default) disables it.
+            over its queries exceeds this (FlashBlock: 0.05). None (default) disables it. A head
+            the gates flag is refreshed at its layer's next call (the flags of all layers are
+            read once per transformer forward).
         cosine_gate: also refresh a head when the cosine similarity of its internal output to the
             one at refresh falls below this (FlashBlock: 0.85); stores the internal output too
             (doubles the memory). None (default) disables it.
