@@ -36,15 +36,6 @@ def model(tmp_path_factory):
     return load(tmp_path_factory, "cosmos")
 
 
-@pytest.fixture(autouse=True)
-def clean(request):
-    yield
-    if "model" in request.fixturenames:
-        model = request.getfixturevalue("model")
-        if _installed_hook(model) is not None:
-            diffattn.remove(model)
-
-
 def make_inputs(frames=3, height=8, width=10, seed=1, t=0.5):
     gen = torch.Generator().manual_seed(seed)
     return dict(hidden_states=torch.randn(1, 4, frames, height, width, generator=gen), timestep=torch.tensor([t]),

@@ -40,15 +40,6 @@ def model(tmp_path_factory):
     return FluxTransformer2DModel.from_pretrained(path).eval()
 
 
-@pytest.fixture(autouse=True)
-def clean(request):
-    yield
-    if "model" in request.fixturenames:
-        model = request.getfixturevalue("model")
-        if _installed_hook(model) is not None:
-            diffattn.remove(model)
-
-
 @pytest.fixture
 def inputs():
     gen = torch.Generator().manual_seed(1)

@@ -16,7 +16,6 @@ from diffusers.models.transformers.transformer_flux2 import (
 
 import diffattn
 from diffattn import Dense, Radial, SlidingWindow, TokenLayout
-from diffattn.integration.apply import _installed_hook
 from diffattn.integration.families._packed import PackedLayout
 from diffattn.integration.families.flux2 import (
     ADAPTER,
@@ -45,15 +44,6 @@ def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("flux2") / "transformer"
     built.save_pretrained(path)
     return Flux2Transformer2DModel.from_pretrained(path).eval()
-
-
-@pytest.fixture(autouse=True)
-def clean(request):
-    yield
-    if "model" in request.fixturenames:
-        model = request.getfixturevalue("model")
-        if _installed_hook(model) is not None:
-            diffattn.remove(model)
 
 
 def make_inputs(refs=(), seed=1):

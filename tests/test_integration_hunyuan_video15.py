@@ -10,7 +10,6 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVid
 
 import diffattn
 from diffattn import Dense, Radial, SlidingWindow, TokenLayout
-from diffattn.integration.apply import _installed_hook
 from diffattn.integration.families.hunyuan_video15 import HunyuanVideo15SparseProcessor
 
 CONFIG = dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
@@ -28,15 +27,6 @@ def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("hunyuan_video15") / "transformer"
     built.save_pretrained(path)
     return HunyuanVideo15Transformer3DModel.from_pretrained(path).eval()
-
-
-@pytest.fixture(autouse=True)
-def clean(request):
-    yield
-    if "model" in request.fixturenames:
-        model = request.getfixturevalue("model")
-        if _installed_hook(model) is not None:
-            diffattn.remove(model)
 
 
 def make_inputs(i2v=True, seed=1):

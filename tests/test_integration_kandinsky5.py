@@ -11,7 +11,6 @@ from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnPr
 
 import diffattn
 from diffattn import Dense, Radial, SlidingWindow, TokenLayout
-from diffattn.integration.apply import _installed_hook
 from diffattn.integration.families.kandinsky5 import Kandinsky5SparseProcessor
 
 CONFIG = dict(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
@@ -38,15 +37,6 @@ def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("kandinsky5") / "transformer"
     built.save_pretrained(path)
     return Kandinsky5Transformer3DModel.from_pretrained(path).eval()
-
-
-@pytest.fixture(autouse=True)
-def clean(request):
-    yield
-    if "model" in request.fixturenames:
-        model = request.getfixturevalue("model")
-        if _installed_hook(model) is not None:
-            diffattn.remove(model)
 
 
 def make_inputs(frames=FRAMES, height=HEIGHT, width=WIDTH, seed=1):

@@ -12,7 +12,6 @@ from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnPro
 
 import diffattn
 from diffattn import Dense, Radial, SlidingWindow, TokenLayout
-from diffattn.integration.apply import _installed_hook
 from diffattn.integration.families.ltx2 import ADAPTER, LTX2SparseProcessor, grid_from_coords
 
 GRID = (3, 4, 5)
@@ -30,15 +29,6 @@ def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("ltx2") / "transformer"
     built.save_pretrained(path)
     return LTX2VideoTransformer3DModel.from_pretrained(path).eval()
-
-
-@pytest.fixture(autouse=True)
-def clean(request):
-    yield
-    if "model" in request.fixturenames:
-        model = request.getfixturevalue("model")
-        if _installed_hook(model) is not None:
-            diffattn.remove(model)
 
 
 def make_inputs(extra=0, seed=1):

@@ -15,7 +15,6 @@ from diffusers.models.transformers.transformer_minimax_h3 import MiniMaxH3AttnPr
 
 import diffattn
 from diffattn import Dense, Radial, SlidingWindow, TokenLayout
-from diffattn.integration.apply import _installed_hook
 from diffattn.integration.families.minimax_h3 import ADAPTER, MiniMaxH3SparseProcessor, trailing_grid
 
 CONFIG = dict(num_attention_heads=2, attention_head_dim=16, hidden_size=32, num_layers=2, num_refiner_layers=1,
@@ -34,15 +33,6 @@ def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("minimax_h3") / "transformer"
     built.save_pretrained(path)
     return MiniMaxH3Transformer3DModel.from_pretrained(path).eval()
-
-
-@pytest.fixture(autouse=True)
-def clean(request):
-    yield
-    if "model" in request.fixturenames:
-        model = request.getfixturevalue("model")
-        if _installed_hook(model) is not None:
-            diffattn.remove(model)
 
 
 def packed(t=0.3, task="fl2va", grid=GRID, seed=1):

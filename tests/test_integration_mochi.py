@@ -11,7 +11,6 @@ from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
 import diffattn
 from diffattn import Dense, Radial, SlidingWindow, TokenLayout
-from diffattn.integration.apply import _installed_hook
 from diffattn.integration.families.mochi import MochiSparseProcessor
 from diffattn.integration.processors import attn_processors
 
@@ -32,15 +31,6 @@ def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("mochi") / "transformer"
     built.save_pretrained(path)
     return MochiTransformer3DModel.from_pretrained(path).eval()
-
-
-@pytest.fixture(autouse=True)
-def clean(request):
-    yield
-    if "model" in request.fixturenames:
-        model = request.getfixturevalue("model")
-        if _installed_hook(model) is not None:
-            diffattn.remove(model)
 
 
 def make_inputs(frames=3, height=8, width=10, valid=(4, 6), seed=1):

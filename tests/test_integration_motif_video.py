@@ -11,7 +11,6 @@ from diffusers.models.transformers.transformer_motif_video import MotifVideoAttn
 
 import diffattn
 from diffattn import Dense, Radial, SlidingWindow, TokenLayout
-from diffattn.integration.apply import _installed_hook
 from diffattn.integration.families.motif_video import MotifVideoSparseProcessor
 
 CONFIG = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
@@ -29,15 +28,6 @@ def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("motif_video") / "transformer"
     built.save_pretrained(path)
     return MotifVideoTransformer3DModel.from_pretrained(path).eval()
-
-
-@pytest.fixture(autouse=True)
-def clean(request):
-    yield
-    if "model" in request.fixturenames:
-        model = request.getfixturevalue("model")
-        if _installed_hook(model) is not None:
-            diffattn.remove(model)
 
 
 def make_inputs(i2v=True, mask=True, seed=1):

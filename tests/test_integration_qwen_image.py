@@ -12,7 +12,6 @@ from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStream
 
 import diffattn
 from diffattn import Dense, Radial, SlidingWindow, TokenLayout
-from diffattn.integration.apply import _installed_hook
 from diffattn.integration.core import Schedule, SparseAttentionCore
 from diffattn.integration.families._packed import PackedLayout, attend_packed, packed_layout
 from diffattn.integration.families.qwen_image import ADAPTER, QwenImageSparseProcessor
@@ -32,15 +31,6 @@ def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen_image") / "transformer"
     built.save_pretrained(path)
     return QwenImageTransformer2DModel.from_pretrained(path).eval()
-
-
-@pytest.fixture(autouse=True)
-def clean(request):
-    yield
-    if "model" in request.fixturenames:
-        model = request.getfixturevalue("model")
-        if _installed_hook(model) is not None:
-            diffattn.remove(model)
 
 
 def make_inputs(images=(GRID,), text_mask=(1, 1, 1, 0, 0), seed=1):

@@ -11,7 +11,6 @@ from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2Attn
 
 import diffattn
 from diffattn import Dense, Radial, SlidingWindow, TokenLayout
-from diffattn.integration.apply import _installed_hook
 from diffattn.integration.families.wan import WanSparseProcessor
 
 CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
@@ -29,13 +28,11 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def clean(request):
+def one_frame_per_block(request):
+    """Tests that set the diffusion-forcing block size put it back (diffattn is removed by conftest)."""
     yield
     if "model" in request.fixturenames:
-        model = request.getfixturevalue("model")
-        if _installed_hook(model) is not None:
-            diffattn.remove(model)
-        model.register_to_config(num_frame_per_block=1)
+        request.getfixturevalue("model").register_to_config(num_frame_per_block=1)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 import diffattn
 from diffattn import Dense, Radial, SlidingWindow, TokenLayout
-from diffattn.integration.apply import _installed_hook
 from diffattn.integration.families.wan import WanSparseProcessor
 
 CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
@@ -26,15 +25,6 @@ def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("wan_vace") / "transformer"
     built.save_pretrained(path)
     return WanVACETransformer3DModel.from_pretrained(path).eval()
-
-
-@pytest.fixture(autouse=True)
-def clean(request):
-    yield
-    if "model" in request.fixturenames:
-        model = request.getfixturevalue("model")
-        if _installed_hook(model) is not None:
-            diffattn.remove(model)
 
 
 @pytest.fixture
