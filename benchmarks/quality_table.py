@@ -74,7 +74,7 @@ def print_rows(title, rows):
 def captured_wan_qkv():
     from diffattn.pipelines import build_embedded_wan_pipeline
 
-    pipe = build_embedded_wan_pipeline(seed=0)
+    pipe = build_embedded_wan_pipeline(seed=0, random_weights=True)
     handle = diffattn.apply(pipe, Dense())
     captured = {}
     proc = pipe.transformer.attn_processors["blocks.1.attn1.processor"]

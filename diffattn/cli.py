@@ -74,7 +74,8 @@ def cmd_demo(args) -> int:
         raise CliError(f"--dense-steps must be >= 0, got {args.dense_steps}")
     try:
         run_demo(args.out, pattern_spec=args.pattern, prompt=args.prompt, seed=args.seed,
-                 dense_steps=args.dense_steps, steps=args.steps, impl=args.impl, progress=not args.no_progress)
+                 dense_steps=args.dense_steps, steps=args.steps, impl=args.impl, progress=not args.no_progress,
+                 random_weights=args.random_weights)
     except (ValueError, TypeError) as exc:
         raise CliError(_one_line(exc)) from None
     return 0
@@ -155,7 +156,7 @@ def cmd_generate(args) -> int:
                      preset_name=args.preset, settings_cli=settings, out=args.out, impl=args.impl,
                      device=args.device, dtype=args.dtype, fps=args.fps, progress=not args.no_progress,
                      cache=args.step_cache, upscale=args.upscale, highres=highres, ulysses=args.ulysses,
-                     ulysses_anything=args.ulysses_anything)
+                     ulysses_anything=args.ulysses_anything, random_weights=args.random_weights)
         finally:
             if args.ulysses > 1:
                 import torch.distributed
@@ -212,7 +213,8 @@ def cmd_compare(args) -> int:
         run_compare(prompt=prompt, seed=args.seed, methods=methods, model=args.model, preset=preset,
                     preset_name=args.preset, settings_cli=settings, out=args.out, impl=args.impl, device=args.device,
                     dtype=args.dtype, attn_step=args.attn_step, repeats=args.repeats, warmup=not args.no_warmup,
-                    fps=args.fps or 16.0, progress=not args.no_progress, cache=args.step_cache)
+                    fps=args.fps or 16.0, progress=not args.no_progress, cache=args.step_cache,
+                    random_weights=args.random_weights)
     return 0
 
 
@@ -234,7 +236,10 @@ def _add_generation_args(p) -> None:
                    help="reuse the block-external attention across steps: '--cache' (refresh every 3 steps) or "
                         "'--cache refresh_every=3,store_dtype=bfloat16,offload=true,lse_gate=0.05,cosine_gate=0.85'")
     p.add_argument("--model", help="local pipeline folder or hub id; default: the embedded tiny Wan pipeline "
-                                   "(random weights, its frames are noise), or the preset's model")
+                                   "(trained on clips of coloured shapes: prompts like 'a red circle moving right'), "
+                                   "or the preset's model")
+    p.add_argument("--random-weights", action="store_true",
+                   help="the embedded pipeline with random DiT and VAE weights (seeded; its frames are noise)")
     p.add_argument("--preset", help="preset name or YAML file: model, method, schedule and generation settings")
     p.add_argument("--impl", choices=["auto", "triton", "reference"], default="auto",
                    help="sparse attention implementation, default auto (Triton on CUDA, torch reference on CPU)")
@@ -354,13 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import DEMO_PATTERN, DEMO_PROMPT
 
     demo = sub.add_parser("demo", help="generate a video with the embedded demo pipeline",
-                          description="Generate a short video with the embedded tiny Wan pipeline (random weights: the "
-                                      "frames are noise) and sparse self-attention; writes MP4, GIF, a PNG of the "
-                                      "frames and a JSON record.")
+                          description="Generate a short video with the embedded tiny Wan pipeline (trained on clips of "
+                                      "coloured shapes: prompts like 'a red circle moving right') and sparse "
+                                      "self-attention; writes MP4, GIF, a PNG of the frames and a JSON record.")
     demo.add_argument("--out", default="outputs/demo", help="output folder, default outputs/demo")
     demo.add_argument("--pattern", default=DEMO_PATTERN, help=f"attention pattern spec: {SPEC_FORMS}; default {DEMO_PATTERN}")
     demo.add_argument("--prompt", default=DEMO_PROMPT, help="text prompt")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the noise, default 0")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the noise (and of the weights with --random-weights), default 0")
+    demo.add_argument("--random-weights", action="store_true",
+                      help="random DiT and VAE weights instead of the trained ones (the frames are noise)")
     demo.add_argument("--steps", type=int, default=None, help="denoising steps (default 8)")
     demo.add_argument("--dense-steps", type=int, default=2, help="first N steps dense, default 2")
     demo.add_argument("--impl", choices=["auto", "triton", "reference"], default="auto", help="attention implementation")
@@ -371,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate videos or images with sparse attention",
         description="Generate one video or image per prompt with sparse self-attention and write it with a JSON "
                     "record (settings, seed, versions, timings, token grid, attended fraction) beside it. Without "
-                    "--model the embedded tiny Wan pipeline runs: random weights, so its frames are noise.")
+                    "--model the embedded tiny Wan pipeline runs: trained on clips of coloured shapes, it draws "
+                    "prompts like 'a red circle moving right' (--random-weights: random weights, noise).")
     gen.add_argument("--prompt", help="text prompt (default: a demo prompt)")
     gen.add_argument("--prompts", metavar="FILE", help="file with one prompt per line: one output per prompt")
     gen.add_argument("--method", help=f"attention pattern spec: {SPEC_FORMS} (default: the preset's, else dense)")

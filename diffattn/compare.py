@@ -50,7 +50,6 @@ import numpy as np
 
 from .generate import (
     cache_record,
-    EMBEDDED_NOTE,
     Method,
     UserError,
     _jsonable,
@@ -74,7 +73,8 @@ from .generate import (
 
 __all__ = ["DEFAULT_METHODS", "AttentionProbe", "run_compare"]
 
-#: Methods compared when none are given (they fit the embedded pipeline's default 5x8x8 grid).
+#: Methods compared when none are given (they fit the embedded pipeline's default 5x16x16 grid and
+#: grids down to 3x5x5).
 DEFAULT_METHODS = ("window:3x5x5", "radial:0.2")
 #: Frames shown per run in the report's contact sheets (evenly spaced).
 SHEET_FRAMES = 8
@@ -354,8 +354,10 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
                 preset_name: str | None = None, settings_cli: dict | None = None, out: str = "outputs/compare",
                 impl: str = "auto", device: str | None = None, dtype: str = "auto", attn_step: int | None = None,
                 repeats: int = 1, warmup: bool = True, fps: float = 16.0, progress: bool = True,
-                log: Callable = print, cache=None) -> dict:
+                log: Callable = print, cache=None, random_weights: bool = False) -> dict:
     """Run the comparison and write the report folder; returns the ``compare.json`` record.
+
+    ``random_weights``: the embedded pipeline with random weights (its frames are noise).
 
     ``cache``: a ``diffattn.StepCache`` every sparse method runs with (None: no cache).
     """
@@ -400,7 +402,7 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
     if loading_preset is None and base_preset is not None and not is_embedded(model) \
             and str(getattr(base_preset, "model", None)) == str(model):
         loading_preset = base_preset  # the model came from a method's preset: load it the preset's way
-    target = load_target(model, loading_preset, device=device, dtype=dtype, log=log)
+    target = load_target(model, loading_preset, device=device, dtype=dtype, log=log, random_weights=random_weights)
     settings = generation_settings(target, base_preset, **(settings_cli or {}))
     num_steps = settings.get("num_inference_steps")
     if attn_step is not None:
@@ -573,7 +575,7 @@ def run_compare(*, prompt: str, seed: int, methods: list[Method], model: str | N
     log(f"wrote {folder / 'report.md'}, {folder / 'report.html'}, {folder / 'speed_quality.png'} and "
         f"{folder / 'compare.json'} in {record['timings_s']['total']:.1f} s")
     if target.embedded:
-        log("note: " + EMBEDDED_NOTE + "; the speed numbers are of a tiny model")
+        log("note: " + target.note + "; the speed numbers are of a tiny model")
     return record
 
 
@@ -660,10 +662,14 @@ def _cache_notes(record: dict, probe: dict) -> list[str]:
             "run's q/k/v; *cache (MiB)*: the peak memory the cache held."]
 
 
+# After the embedded pipeline's note: its CPU times say nothing of GPU speed.
+_NOTE_TAIL = "Its times are of a tiny model on this machine's CPU path, not of the GPU kernels."
+
+
 def _markdown(record: dict) -> str:
     lines = ["# diffattn compare", ""]
     if record["note"]:
-        lines += [f"> **Note:** {record['note']}. The numbers below show the mechanics, not image quality.", ""]
+        lines += [f"> **Note:** {record['note']}. {_NOTE_TAIL}", ""]
     lines += [f"Prompt: *{record['prompt']}*", "", _settings_line(record), ""]
     headers = _headers(record)
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -717,7 +723,7 @@ def _html(record: dict) -> str:
             f"<figure><img src='{e(f['frames_png'])}'><figcaption>{e(r['label'])}</figcaption></figure>"
             f"<figure><img src='{e(f['diff_png'])}'><figcaption>|difference| x{f['diff_gain']:g}</figcaption></figure></div>"
         )
-    note = f"<p class='note'><b>Note:</b> {e(record['note'])}. The numbers show the mechanics, not image quality.</p>" \
+    note = f"<p class='note'><b>Note:</b> {e(record['note'])}. {e(_NOTE_TAIL)}</p>" \
         if record["note"] else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>diffattn compare</title>

@@ -4,9 +4,10 @@ The pieces here are shared by ``diffattn generate``, ``diffattn compare`` and ``
 
 - :func:`resolve_method` turns a pattern spec (``window:3x5x5``, ``radial:0.2``, ``dense``) or a
   preset name into a :class:`Method` (pattern + schedule);
-- :func:`load_target` loads the pipeline: the embedded tiny Wan pipeline by default (random
-  weights: **its frames are noise**), a local folder or hub id with ``--model``, or a preset's
-  model through ``diffattn.pipelines.load_pipeline``;
+- :func:`load_target` loads the pipeline: the embedded tiny Wan pipeline by default (trained on
+  clips of coloured shapes; ``random_weights=True`` for the random-weight one, whose frames are
+  noise), a local folder or hub id with ``--model``, or a preset's model through
+  ``diffattn.pipelines.load_pipeline``;
 - :func:`generation_settings` merges defaults, preset and command line into ``pipe(...)``
   keyword arguments and checks them;
 - :func:`install` puts a method into the pipeline (diffusers' own processors for plain dense);
@@ -56,11 +57,16 @@ __all__ = [
 
 #: ``--model`` value (and the default) naming the embedded tiny Wan pipeline.
 EMBEDDED_MODEL = "embedded"
-EMBEDDED_DESCRIPTION = "embedded tiny Wan 2.1-style pipeline (random-weight DiT and VAE, real MiniLM text encoder)"
-EMBEDDED_NOTE = "embedded demonstration pipeline: random DiT and VAE weights, so the frames are noise"
-#: The embedded pipeline's weights are always built from this seed; ``--seed`` seeds the noise.
+EMBEDDED_DESCRIPTION = ("embedded tiny Wan 2.1-style pipeline (DiT and VAE trained on clips of coloured shapes, "
+                        "real MiniLM text encoder)")
+EMBEDDED_RANDOM_DESCRIPTION = "embedded tiny Wan 2.1-style pipeline (random-weight DiT and VAE, real MiniLM text encoder)"
+EMBEDDED_NOTE = ("embedded demonstration pipeline: a tiny DiT and VAE trained on clips of coloured shapes, for "
+                 "prompts like 'a red circle moving right' (red/green/blue/yellow/white, circle/square/triangle, "
+                 "moving left/right/up/down or standing still) at 256x256, 17 frames")
+EMBEDDED_RANDOM_NOTE = "embedded demonstration pipeline with random DiT and VAE weights (--random-weights): the frames are noise"
+#: The embedded pipeline's random weights (``random_weights``) are built from this seed; ``--seed`` seeds the noise.
 EMBEDDED_WEIGHTS_SEED = 0
-DEFAULT_PROMPT = "a red fox running through fresh snow at sunrise"
+DEFAULT_PROMPT = "a red circle moving right"
 OUTPUT_SUFFIXES = (".mp4", ".gif", ".png")
 TIMINGS_NOTE = ("generate = the pipeline call (text encoding, denoising, decoding); steps[0] runs from the first "
                 "transformer call to the end of step 0; self_attention = time inside the self-attention modules "
@@ -294,17 +300,21 @@ class Target:
     dtype: str
     load_s: float
     defaults: dict
+    random_weights: bool = False
 
     @property
     def note(self) -> str | None:
-        return EMBEDDED_NOTE if self.embedded else None
+        if not self.embedded:
+            return None
+        return EMBEDDED_RANDOM_NOTE if self.random_weights else EMBEDDED_NOTE
 
     def record(self) -> dict:
         out = {"model": self.model, "description": self.description, "embedded": self.embedded,
                "device": self.device, "dtype": self.dtype}
         if self.embedded:
-            out["random_weights"] = True
-            out["weights_seed"] = EMBEDDED_WEIGHTS_SEED
+            out["random_weights"] = self.random_weights
+            if self.random_weights:
+                out["weights_seed"] = EMBEDDED_WEIGHTS_SEED
         return out
 
 
@@ -337,11 +347,12 @@ def _device(name: str | None) -> str:
 
 
 def load_target(model: str | None = None, preset=None, *, device: str | None = None, dtype: str = "auto",
-                log: Callable = print) -> Target:
+                log: Callable = print, random_weights: bool = False) -> Target:
     """Load the pipeline to generate with.
 
-    - ``model`` None / ``"embedded"`` (and no preset model): the embedded tiny Wan pipeline,
-      random weights seeded with 0; **its frames are noise**.
+    - ``model`` None / ``"embedded"`` (and no preset model): the embedded tiny Wan pipeline with
+      its trained weights, or (``random_weights``) random weights seeded with 0, whose frames are
+      noise.
     - a preset: ``diffattn.pipelines.load_pipeline(model, preset, torch_dtype=..., device=...)``
       (the preset's model unless ``model`` overrides it).
     - otherwise ``diffusers.DiffusionPipeline.from_pretrained(model)`` (a local folder or a hub id).
@@ -350,18 +361,22 @@ def load_target(model: str | None = None, preset=None, *, device: str | None = N
     if preset is not None and model is None:
         model = getattr(preset, "model", None)
     embedded = is_embedded(model)
+    if random_weights and not embedded:
+        raise UserError(f"--random-weights is for the embedded pipeline, not for --model {model!r}")
     torch_dtype = _torch_dtype(dtype, embedded, device)
     dtype_name = str(torch_dtype).replace("torch.", "")
     t0 = time.perf_counter()
     if embedded:
         from .pipelines import EMBEDDED_DEFAULTS, build_embedded_wan_pipeline
 
-        log(f"model: {EMBEDDED_DESCRIPTION} -- random-weight demo, the frames are noise")
+        description = EMBEDDED_RANDOM_DESCRIPTION if random_weights else EMBEDDED_DESCRIPTION
+        log(f"model: {description}" + (" -- the frames are noise" if random_weights else ""))
         with quiet_transformers():
-            pipe = build_embedded_wan_pipeline(seed=EMBEDDED_WEIGHTS_SEED, device=device, dtype=torch_dtype)
+            pipe = build_embedded_wan_pipeline(seed=EMBEDDED_WEIGHTS_SEED, device=device, dtype=torch_dtype,
+                                               random_weights=random_weights)
         defaults = dataclasses.asdict(EMBEDDED_DEFAULTS)
-        return Target(pipe, EMBEDDED_MODEL, True, EMBEDDED_DESCRIPTION, device, dtype_name,
-                      time.perf_counter() - t0, defaults)
+        return Target(pipe, EMBEDDED_MODEL, True, description, device, dtype_name,
+                      time.perf_counter() - t0, defaults, random_weights)
     model = str(model)
     log(f"model: {model}" + (f" (preset {getattr(preset, 'name', '?')})" if preset is not None else ""))
     from .pipelines import load_pipeline
@@ -998,8 +1013,11 @@ def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | 
              preset_name: str | None = None, settings_cli: dict | None = None, out: list[str] | None = None,
              impl: str = "auto", device: str | None = None, dtype: str = "auto", fps: float | None = None,
              progress: bool = True, log: Callable = print, cache=None, upscale: float | None = None,
-             highres=None, ulysses: int = 1, ulysses_anything: bool = False) -> list[dict]:
+             highres=None, ulysses: int = 1, ulysses_anything: bool = False,
+             random_weights: bool = False) -> list[dict]:
     """Generate one output per prompt; returns the JSON records written.
+
+    ``random_weights``: the embedded pipeline with random weights (its frames are noise).
 
     ``upscale``: training-free high resolution (``diffattn.pipelines.highres``): each output is
     generated at the native size, upscaled by this factor and refined with FreeSwim's window and
@@ -1023,7 +1041,7 @@ def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | 
         device = str(parallel.device)
         if not parallel.is_main:
             log, progress = (lambda *a, **k: None), False
-    target = load_target(model, preset, device=device, dtype=dtype, log=log)
+    target = load_target(model, preset, device=device, dtype=dtype, log=log, random_weights=random_weights)
     settings = generation_settings(target, preset, **(settings_cli or {}))
     if upscale is not None:
         from .upscale import generate_highres_outputs
@@ -1081,7 +1099,7 @@ def generate(*, prompts: list[str], seed: int = 0, method: Method, model: str | 
         log(f"wrote {shown} ({frames.shape[0]} frame{'s' if frames.shape[0] != 1 else ''} "
             f"{frames.shape[2]}x{frames.shape[1]}, generated in {result.timings['generate']:.1f} s)")
     if target.embedded:
-        log("note: " + EMBEDDED_NOTE)
+        log("note: " + target.note)
     if parallel is not None:
         import torch.distributed
 

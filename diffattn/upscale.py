@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from .generate import (EMBEDDED_NOTE, OutputPlan, Target, UserError, _round_timings, frames_record, versions,
+from .generate import (OutputPlan, Target, UserError, _round_timings, frames_record, versions,
                        write_outputs)
 
 __all__ = ["generate_highres_outputs"]
@@ -64,5 +64,5 @@ def generate_highres_outputs(target: Target, prompts: list[str], plans: list[Out
             f"upscaled from {result.base_frames.shape[2]}x{result.base_frames.shape[1]}, "
             f"in {result.record['timings_s']['total']:.1f} s)")
     if target.embedded:
-        log("note: " + EMBEDDED_NOTE)
+        log("note: " + target.note)
     return records

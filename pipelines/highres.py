@@ -337,7 +337,7 @@ def cross_cache_bytes(pipe, grid: tuple, dtype: torch.dtype | None = None, batch
 
     >>> from diffattn.pipelines import build_embedded_wan_pipeline
     >>> cross_cache_bytes(build_embedded_wan_pipeline(), (5, 16, 16))
-    1310720
+    2621440
     """
     sizes = []
     for name in EXPERTS:
@@ -619,6 +619,15 @@ def _refine(pipe, prompt, negative_prompt, frames_up: np.ndarray, *, height: int
     transformer = _transformer(pipe)
     v2v = WanVideoToVideoPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
                                   transformer=transformer, vae=pipe.vae, scheduler=scheduler)
+    # diffusers 0.42's WanVideoToVideoPipeline takes the spatial factor as 2 ** (VAE levels), which is
+    # wrong for the Wan 2.2-style VAEs that fold 2x2 pixels first (patch_size 2: the embedded VAE, 8x;
+    # Wan 2.2 TI2V's, 16x); the base pipeline reads it from the VAE config (scale_factor_spatial).
+    factor = pipe.vae_scale_factor_spatial
+    if v2v.vae_scale_factor_spatial != factor:
+        from diffusers.video_processor import VideoProcessor
+
+        v2v.vae_scale_factor_spatial = factor
+        v2v.video_processor = VideoProcessor(vae_scale_factor=factor)
     v2v.set_progress_bar_config(disable=not progress, leave=False)
     device = pipe._execution_device
     cfg = guidance["transformer"] > 1.0  # diffusers: do_classifier_free_guidance reads guidance_scale only

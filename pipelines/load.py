@@ -72,7 +72,7 @@ TRANSFORMER_FAMILIES: dict[str, str] = {
 }
 
 #: Attribute set on every pipeline ``load_pipeline`` returns: True for the embedded demo
-#: pipeline (random weights, its frames are noise), False for a loaded checkpoint.
+#: pipeline (a tiny Wan trained on clips of coloured shapes), False for a loaded checkpoint.
 EMBEDDED_MARK = "diffattn_embedded"
 
 _TRANSFORMER_KEYS = ("transformer", "transformer_2")
@@ -122,7 +122,7 @@ def family_of(pipe) -> str:
 
 
 def is_embedded(pipe) -> bool:
-    """Whether ``pipe`` is the embedded demo pipeline (random weights: its frames are noise)."""
+    """Whether ``pipe`` is the embedded demo pipeline (a tiny Wan trained on clips of coloured shapes)."""
     return bool(getattr(pipe, EMBEDDED_MARK, False))
 
 
@@ -229,9 +229,9 @@ def load_pipeline(
             FluxPipeline, ...). ``None``:
 
             - with a Wan preset, ``family="wan"``, or neither a preset nor a family: the
-              **embedded demo pipeline** (``build_embedded_wan_pipeline``: a tiny Wan with
-              random weights, **its frames are noise**; marked ``pipe.diffattn_embedded = True``
-              and logged as a warning). Generate with ``EMBEDDED_DEFAULTS`` settings, not the
+              **embedded demo pipeline** (``build_embedded_wan_pipeline``: a tiny Wan trained
+              on clips of coloured shapes, which draws prompts like "a red circle moving right"
+              and nothing else; marked ``pipe.diffattn_embedded = True`` and logged as a warning). Generate with ``EMBEDDED_DEFAULTS`` settings, not the
               preset's (the preset's window may not fit the tiny grid);
             - with a preset of another family: the preset's default checkpoint ``preset.model``.
         preset: a preset name (``"wan-radial"``), a YAML path, or a ``Preset``. None: load
@@ -309,8 +309,9 @@ def _embedded(dtype, device, from_pretrained_kwargs: dict):
     if given:
         raise TypeError(f"model=None builds the embedded demo pipeline, which takes no from_pretrained arguments; got {given}")
     logger.warning(
-        "diffattn: model=None: using the EMBEDDED DEMO pipeline, a tiny Wan with random weights (its frames are "
-        "noise; it demonstrates the mechanics only). Pass model= a checkpoint for real generation."
+        "diffattn: model=None: using the EMBEDDED DEMO pipeline, a tiny Wan trained on clips of coloured shapes "
+        "(it draws prompts like 'a red circle moving right' and nothing else). Pass model= a checkpoint for real "
+        "generation."
     )
     pipe = build_embedded_wan_pipeline(device=device or "cpu", dtype=dtype or torch.float32)
     setattr(pipe, EMBEDDED_MARK, True)

@@ -2,7 +2,7 @@
 at 1088x1872 with the inward window and the cached full-attention branch.
 
     python samples/highres_wan.py [--model Wan-AI/Wan2.1-T2V-1.3B-Diffusers] [--out fox-1080p.mp4]
-    python samples/highres_wan.py --embedded --out fox-highres.mp4     # CPU, tiny random model: noise
+    python samples/highres_wan.py --embedded --out fox-highres.mp4     # CPU, tiny embedded model: the mechanics
 
 The real checkpoint needs a GPU (about 16 GB of cross-attention cache at this size in bfloat16;
 ``--offload`` keeps it in CPU memory instead).
@@ -34,7 +34,7 @@ def load(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", help="local folder or hub id")
-    parser.add_argument("--embedded", action="store_true", help="the embedded tiny pipeline (CPU; its frames are noise)")
+    parser.add_argument("--embedded", action="store_true", help="the embedded tiny pipeline (CPU; trained on coloured shapes at 256x256: the mechanics, not quality)")
     parser.add_argument("--prompt", default="a red fox running through fresh snow at sunrise, fine fur detail")
     parser.add_argument("--upscale", type=float, default=2.25, help="factor of the native size, default 2.25")
     parser.add_argument("--guide-every", type=int, default=2, help="full branch every k steps (FreeSwim: 2)")

@@ -1,7 +1,7 @@
 """Wan text-to-video on N GPUs: diffusers' Ulysses context parallelism with diffattn's sparse attention.
 
     torchrun --nproc-per-node 2 samples/multi_gpu_wan.py [--model Wan-AI/Wan2.1-T2V-14B-Diffusers] [--out wan.mp4]
-    torchrun --nproc-per-node 2 samples/multi_gpu_wan.py --embedded    # tiny random-weight Wan, no checkpoint
+    torchrun --nproc-per-node 2 samples/multi_gpu_wan.py --embedded    # the tiny embedded Wan, no checkpoint
 
 Every rank loads the same pipeline and runs it with the same prompt and seed; diffusers splits the
 tokens over the ranks, and in every attention layer each rank attends the whole sequence for H/N
@@ -22,7 +22,7 @@ from diffattn.video import write_video
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="Wan-AI/Wan2.1-T2V-14B-Diffusers", help="local folder or hub id")
-    parser.add_argument("--embedded", action="store_true", help="the tiny embedded Wan (random weights: noise frames)")
+    parser.add_argument("--embedded", action="store_true", help="the tiny embedded Wan (trained on clips of coloured shapes; no checkpoint needed)")
     parser.add_argument("--preset", default="wan-radial")
     parser.add_argument("--prompt", default="a red fox running through fresh snow at sunrise")
     parser.add_argument("--out", default="wan.mp4")

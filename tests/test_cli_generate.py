@@ -1,4 +1,4 @@
-"""``diffattn generate`` on the embedded tiny Wan pipeline (random weights), small sizes, CPU."""
+"""``diffattn generate`` on the embedded tiny Wan pipeline, small sizes, CPU."""
 
 import json
 
@@ -27,7 +27,8 @@ def test_video_mp4_gif_and_json(tmp_path, capsys):
     assert read_video(out.with_suffix(".gif")).shape[1:] == (64, 64, 3)
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["prompt"] == "a fox" and record["seed"] == 3
-    assert record["model"]["embedded"] and "noise" in record["note"] and "noise" in stdout
+    assert record["model"]["embedded"] and "coloured shapes" in record["note"] and "coloured shapes" in stdout
+    assert record["model"]["random_weights"] is False
     assert record["method"]["pattern"] == "window:3x3x3"
     assert record["method"]["schedule"] == {"dense_steps": 1, "dense_layers": 0, "dense_last_steps": 0}
     assert record["token_grid"] == [3, 4, 4] and record["seq_len"] == 48

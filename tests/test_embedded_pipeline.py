@@ -1,4 +1,5 @@
-"""The embedded tiny Wan pipeline (random DiT/VAE + real MiniLM text encoder) and diffattn.video."""
+"""The embedded tiny Wan pipeline's mechanics (``random_weights=True``: seeded random DiT/VAE + real MiniLM
+text encoder) and diffattn.video. The trained weights: tests/test_embedded_trained.py."""
 
 import dataclasses
 import doctest
@@ -46,7 +47,7 @@ def _realign(module):
 
 @pytest.fixture(scope="module")
 def pipe():
-    return _quiet(build_embedded_wan_pipeline(seed=0))
+    return _quiet(build_embedded_wan_pipeline(seed=0, random_weights=True))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_pil_output_and_a_non_square_size(pipe):
 
 def test_same_seed_gives_identical_weights_and_frames(pipe, frames):
     rng_before = torch.get_rng_state()
-    again = _quiet(build_embedded_wan_pipeline(seed=0))
+    again = _quiet(build_embedded_wan_pipeline(seed=0, random_weights=True))
     assert torch.equal(torch.get_rng_state(), rng_before), "building must not disturb the global RNG"
     for name in ("transformer", "vae", "text_encoder"):
         ours, theirs = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()
@@ -102,7 +103,7 @@ def test_same_seed_gives_identical_weights_and_frames(pipe, frames):
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
     np.testing.assert_array_equal(_generate(again), frames)
 
-    other = build_embedded_wan_pipeline(seed=1)
+    other = build_embedded_wan_pipeline(seed=1, random_weights=True)
     weight = "blocks.0.attn1.to_q.weight"
     assert not torch.equal(other.transformer.state_dict()[weight], pipe.transformer.state_dict()[weight])
     words = "embeddings.word_embeddings.weight"  # the pretrained text encoder does not depend on the seed
@@ -129,7 +130,7 @@ def test_different_prompts_give_different_embeddings(pipe, frames):
 
 
 def test_save_and_from_pretrained_round_trip(tmp_path, frames):
-    path = save_embedded_wan_pipeline(tmp_path / "embedded-wan", seed=0)
+    path = save_embedded_wan_pipeline(tmp_path / "embedded-wan", seed=0, random_weights=True)
     index = json.loads((path / "model_index.json").read_text())
     assert index["_class_name"] == "WanPipeline"
     assert index["text_encoder"] == ["transformers", "BertModel"]
@@ -138,7 +139,7 @@ def test_save_and_from_pretrained_round_trip(tmp_path, frames):
 
     loaded = _quiet(diffusers.WanPipeline.from_pretrained(str(path)))
     assert type(loaded.text_encoder).__name__ == "BertModel"
-    reference = build_embedded_wan_pipeline(seed=0)
+    reference = build_embedded_wan_pipeline(seed=0, random_weights=True)
     for name in ("transformer", "vae", "text_encoder"):
         ours, theirs = getattr(reference, name).state_dict(), getattr(loaded, name).state_dict()
         assert ours.keys() == theirs.keys()

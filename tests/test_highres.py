@@ -78,7 +78,7 @@ def record_cross(model):
 def embedded():
     from diffattn.pipelines import build_embedded_wan_pipeline
 
-    return build_embedded_wan_pipeline(seed=0)
+    return build_embedded_wan_pipeline(seed=0, random_weights=True)
 
 
 BOUNDARY_RATIO = 0.875  # Wan 2.2 T2V A14B's: switch at t = 875 of 1000

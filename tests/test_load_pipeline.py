@@ -117,7 +117,7 @@ def test_model_none_gives_the_embedded_pipeline(caplog):
     with caplog.at_level(logging.WARNING, logger="diffattn"):
         pipe, handle = load_pipeline()
     assert handle is None and is_embedded(pipe) and type(pipe).__name__ == "WanPipeline"
-    assert "EMBEDDED DEMO pipeline" in caplog.text and "random weights" in caplog.text
+    assert "EMBEDDED DEMO pipeline" in caplog.text and "coloured shapes" in caplog.text
     pipe, handle = load_pipeline(None, "wan-radial", torch_dtype=torch.bfloat16)
     assert is_embedded(pipe) and pipe.transformer.dtype == torch.bfloat16
     assert len(handle.replaced["transformer"]) == 4

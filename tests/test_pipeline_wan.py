@@ -1,4 +1,4 @@
-"""diffattn on a whole (tiny, random-weight) WanPipeline: schedules, repeatability, the demo."""
+"""diffattn on a whole (tiny, trained) WanPipeline: schedules, repeatability, the demo."""
 
 import json
 
@@ -68,10 +68,11 @@ def test_demo_writes_video_and_json(tmp_path):
 
     assert main(["demo", "--out", str(tmp_path), "--steps", "3"]) == 0
     frames = read_video(tmp_path / "demo.mp4")
-    assert frames.shape[0] == 17 and frames.shape[1:3] == (128, 128)
+    assert frames.shape[0] == 17 and frames.shape[1:3] == (256, 256)
     record = json.loads((tmp_path / "demo.json").read_text())
-    assert record["pattern"] == "window:3x5x5" and record["token_grid"] == [5, 8, 8]
-    assert "noise" in record["note"] and record["timings_s"]["generate"] > 0
+    assert record["pattern"] == "piecewise:0.25" and record["token_grid"] == [5, 16, 16]
+    assert record["prompt"] == "a red circle moving right" and record["random_weights"] is False
+    assert "coloured shapes" in record["note"] and record["timings_s"]["generate"] > 0
     assert (tmp_path / "demo.gif").stat().st_size > 0 and (tmp_path / "demo-frames.png").stat().st_size > 0
 
 
