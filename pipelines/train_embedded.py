@@ -636,8 +636,11 @@ def main(argv=None) -> int:
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     record = train(cfg, args.out, stages=stages, plot=plot, progress=not args.no_progress,
                    latents_cache=args.latents_cache)
-    if "vae-decoder" not in stages and "dit" not in stages:
+    if set(stages) <= {"vae", "vae-long"}:
         print(f"saved {Path(args.out) / 'vae'} (VAE L1 {record['final']['vae_l1']:.4f})")
+    elif "vae-decoder" not in stages:
+        print(f"saved {Path(args.out) / 'transformer'} (transformer MSE "
+              f"{record['final'].get('transformer_mse_more', record['final']['transformer_mse']):.4f})")
     return 0
 
 
