@@ -293,7 +293,11 @@ def color_mask(frames, color: str, tolerance: float = 0.3) -> np.ndarray:
 def track(frames, color: str, min_fraction: float = 0.002, tolerance: float = 0.3) -> np.ndarray:
     """``[F, 2]`` centroid (x, y) in pixels of the pixels of ``color`` per frame; NaN where fewer than
     ``min_fraction`` of the frame's pixels have that colour."""
-    mask = color_mask(frames, color, tolerance)
+    return _centroids(color_mask(frames, color, tolerance), min_fraction)
+
+
+def _centroids(mask: np.ndarray, min_fraction: float = 0.002) -> np.ndarray:
+    """:func:`track` of a colour mask ``[F, H, W]``."""
     num_frames, height, width = mask.shape
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
     out = np.full((num_frames, 2), np.nan)
@@ -331,9 +335,13 @@ def shape_of(frames, color: str, min_fraction: float = 0.002, tolerance: float =
     fill (:data:`_FILL`) is nearest the blob's median fill over the frames where it covers at least
     ``min_fraction`` of the pixels; None when it is in fewer than half the frames. A rough measure:
     a blurred square reads as a circle, a rounded triangle as a circle."""
+    return _shape_of_mask(color_mask(frames, color, tolerance), min_fraction)
+
+
+def _shape_of_mask(mask: np.ndarray, min_fraction: float = 0.002) -> str | None:
+    """:func:`shape_of` of a colour mask ``[F, H, W]``."""
     from scipy import ndimage
 
-    mask = color_mask(frames, color, tolerance)
     num_frames, height, width = mask.shape
     fills = []
     for f in range(num_frames):
@@ -368,10 +376,11 @@ def check_prompt(frames, prompt: str) -> dict:
     size = array.shape[1:3]
     results = []
     for spec in specs:
-        centers = track(array, spec.color)
+        mask = color_mask(array, spec.color)  # once per object: its track and its shape
+        centers = _centroids(mask)
         present = bool((~np.isnan(centers).any(-1)).sum() >= max(1, len(centers) // 2))
         motion = motion_of(centers, size) if present else None
-        shape = shape_of(array, spec.color) if present else None
+        shape = _shape_of_mask(mask) if present else None
         results.append({"color": spec.color, "shape": spec.shape, "asked": spec.motion, "color_present": present,
                         "motion": motion, "motion_ok": motion == spec.motion, "seen_shape": shape,
                         "shape_ok": shape == spec.shape})
